@@ -1,0 +1,3 @@
+from ray_consensus.cli import main
+
+main()

@@ -1,0 +1,162 @@
+"""Committee members: a timm name plus a source of weights; everything else comes from timm.
+
+A member's preprocessing is read from timm's data config (input size, interpolation,
+mean, std). The crop is not: every member sees the same square crop of each image (the
+run's shared image grid), so that all maps of one image cover the same pixels and can be
+voted element-wise.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ray_consensus.config import MemberSpec, SpecError
+
+
+@lru_cache(maxsize=1)
+def _all_archs() -> tuple[str, ...]:
+    import timm
+
+    return tuple(timm.list_models())
+
+
+def check_arch(arch: str) -> None:
+    """Raise SpecError for a name timm does not know, with the closest names."""
+    import timm
+
+    if timm.is_model(arch.split(".")[0]):
+        return
+    close = difflib.get_close_matches(arch.split(".")[0], _all_archs(), n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    raise SpecError(f"unknown timm architecture '{arch}'{hint}")
+
+
+def load_state_dict_bytes(data: bytes, source: str) -> dict[str, Tensor]:
+    """A state dict from checkpoint bytes, never executing pickled code.
+
+    `.safetensors` is read as such; anything else goes through `torch.load(weights_only=True)`,
+    which refuses pickles that build arbitrary objects.
+    """
+    if source.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        try:
+            return load_safetensors(data)
+        except Exception as e:
+            raise SpecError(f"checkpoint {source}: not a valid safetensors file ({e})") from None
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SpecError(f"checkpoint {source}: refused to load (only plain tensor state dicts are accepted; "
+                        f"pickled code is never executed): {first}") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise SpecError(f"checkpoint {source}: expected a state dict of tensors")
+    return obj
+
+
+def _timm_kwargs(kwargs: dict) -> dict:
+    # YAML/JSON have no tuples; timm wants tuples inside pretrained_cfg_overlay (e.g. input_size).
+    out = dict(kwargs)
+    if isinstance(out.get("pretrained_cfg_overlay"), dict):
+        out["pretrained_cfg_overlay"] = {k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in out["pretrained_cfg_overlay"].items()}
+    return out
+
+
+def create_member_model(member: MemberSpec, num_classes: int, read_bytes=None) -> nn.Module:
+    """Build the member's timm model with its weights, in eval mode, on the CPU.
+
+    `read_bytes(uri) -> bytes` reads checkpoints from local paths or s3:// (storage layer).
+    Raises SpecError when the name is unknown, the weights cannot be had or do not fit.
+    """
+    import timm
+
+    check_arch(member.arch)
+    kwargs = _timm_kwargs(member.kwargs)
+    if member.weights == "pretrained":
+        try:
+            model = timm.create_model(member.arch, pretrained=True, **kwargs)
+        except Exception as e:
+            raise SpecError(f"model {member.id}: cannot load pretrained weights for '{member.arch}': "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        if model.num_classes != num_classes:
+            raise SpecError(f"model {member.id}: pretrained '{member.arch}' has {model.num_classes} classes, "
+                            f"the data set has {num_classes}")
+    else:
+        from ray_consensus.config import fingerprint
+
+        # Seeded from the member, so `random` weights are the same in every actor and every run.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(fingerprint("init", member.id, member.arch), 16) % 2**31)
+            model = timm.create_model(member.arch, pretrained=False, num_classes=num_classes, **kwargs)
+        if member.weights != "random":
+            if read_bytes is None:
+                from ray_consensus.storage import read_uri_bytes as read_bytes
+            try:
+                data = read_bytes(member.weights)
+            except FileNotFoundError:
+                raise SpecError(f"model {member.id}: checkpoint not found: {member.weights}") from None
+            state = load_state_dict_bytes(data, member.weights)
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as e:
+                detail = " ".join(str(e).split())[:300]
+                raise SpecError(f"model {member.id}: checkpoint {member.weights} does not fit '{member.arch}' "
+                                f"with {num_classes} classes: {detail}") from None
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The member's preprocessing as timm describes it."""
+
+    input_size: tuple[int, int]
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def member_data_config(model: nn.Module) -> DataConfig:
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config(model=model)
+    interp = cfg.get("interpolation", "bilinear")
+    return DataConfig(input_size=tuple(cfg["input_size"][1:]),
+                      interpolation=interp if interp in ("bilinear", "bicubic", "nearest") else "bilinear",
+                      mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+
+
+class Preprocess(nn.Module):
+    """Shared crop -> member input: (B, 3, S, S) in [0, 1] -> (B, 3, h, w), normalised. Differentiable."""
+
+    def __init__(self, cfg: DataConfig):
+        super().__init__()
+        self.size, self.mode = cfg.input_size, cfg.interpolation
+        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        if tuple(images.shape[-2:]) != tuple(self.size):
+            antialias = self.mode in ("bilinear", "bicubic")
+            images = F.interpolate(images, size=self.size, mode=self.mode, antialias=antialias,
+                                   **({} if self.mode == "nearest" else {"align_corners": False}))
+        return (images - self.mean) / self.std
+
+
+def resample_maps(maps: Tensor, size: int) -> Tensor:
+    """(B, h, w) -> (B, size, size), area-preserving bilinear (antialiased when shrinking)."""
+    if tuple(maps.shape[-2:]) == (size, size):
+        return maps
+    return F.interpolate(maps[:, None].float(), size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False)[:, 0]

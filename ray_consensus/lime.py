@@ -1,0 +1,189 @@
+"""LIME on superpixels shared by the committee, batched over images on the model's device.
+
+The method of the lime package's image explainer (Ribeiro et al. 2016), as the paper uses it:
+
+1. Interpretable features are the image's superpixels (computed once in the decode stage, see
+   `superpixels.segment`), K of them. A perturbation is a binary mask z in {0,1}^K; row 0 is
+   the unperturbed image (all ones), the other rows keep each superpixel with probability p_keep.
+2. The perturbed image shows kept superpixels as they are and paints hidden ones with their
+   mean colour.
+3. Each perturbation is weighted by an exponential kernel on the cosine distance d between z
+   and the all-ones mask: d = 1 - sqrt(|z| / K), w = exp(-d^2 / (2 width^2)), width 0.25.
+   This is the lime package's kernel, sqrt(exp(-d^2 / width^2)), and captum's
+   `get_exp_kernel_similarity_function`.
+4. The surrogate is a weighted ridge regression of the class score y on z with an unpenalised
+   intercept b (sklearn's `Ridge(alpha, fit_intercept=True)` with `sample_weight=w`, as the lime
+   package fits it):  minimise over (beta, b)  sum_i w_i (y_i - b - z_i . beta)^2 + alpha |beta|^2.
+   beta (one weight per superpixel) is the explanation.
+
+Perturbation masks depend only on the seed parameter and the image (its pixels and superpixels),
+so every committee member, in every actor and every run, scores the same perturbations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ray_consensus.config import SpecError
+from ray_consensus.explainers import Explainer, check_output, class_score, register
+from ray_consensus.superpixels import METHODS
+
+
+def sample_masks(n_samples: int, n_segments: int, p_keep: float, generator: torch.Generator) -> Tensor:
+    """Perturbation masks, bool (n_samples, n_segments) on the CPU: True = superpixel kept.
+
+    Row 0 is all True (the unperturbed image, as LIME does); every other entry is kept
+    independently with probability p_keep, drawn from `generator`.
+    """
+    masks = torch.rand(n_samples, n_segments, generator=generator) < p_keep
+    masks[0] = True
+    return masks
+
+
+def perturbation_seed(seed: int, image: np.ndarray, segments: np.ndarray) -> int:
+    """A 63-bit generator seed from the run's seed and one image: uint8 (3, S, S) pixels and (S, S) ids.
+
+    Hashing the content, not the image's position in a batch, gives every actor the same masks.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    h.update(str(int(seed)).encode())
+    h.update(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+    h.update(np.ascontiguousarray(segments, dtype=np.int32).tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def kernel_weights(masks: Tensor, n_segments: Tensor, kernel_width: float) -> Tensor:
+    """LIME's sample weights, float64 (..., n): masks bool (..., n, K_max), n_segments (...,) the
+    number K of real superpixels (columns beyond it must be False).
+
+    Cosine distance to the all-ones mask: d = 1 - |z| / (sqrt(|z|) sqrt(K)) = 1 - sqrt(|z| / K)
+    (d = 1 for the all-hidden mask); weight exp(-d^2 / (2 width^2)).
+    """
+    kept = masks.sum(dim=-1, dtype=torch.float64)
+    d = 1.0 - torch.sqrt(kept / n_segments.to(torch.float64)[..., None])
+    return torch.exp(-d**2 / (2.0 * kernel_width**2))
+
+
+def fit_weighted_ridge(z: Tensor, y: Tensor, w: Tensor, alpha: float, n_features: Tensor) -> tuple[Tensor, Tensor]:
+    """Batched weighted ridge with an unpenalised intercept, in float64.
+
+    z (B, n, K_max), y (B, n), w (B, n) >= 0; n_features (B,) the real feature count of each
+    problem (columns beyond it are padding and must be 0). Minimises
+    sum_i w_i (y_i - b - z_i . beta)^2 + alpha |beta|^2 by centring on the weighted means
+    (which removes b) and solving (Zc^T W Zc + alpha I) beta = Zc^T W yc; then b = y_mean - z_mean . beta.
+    Returns beta (B, K_max) with 0 on padding, b (B,).
+    """
+    z, y, w = z.double(), y.double(), w.double()
+    w_sum = w.sum(dim=1, keepdim=True)
+    z_mean = (w[..., None] * z).sum(dim=1) / w_sum
+    y_mean = (w * y).sum(dim=1) / w_sum[:, 0]
+    zc, yc = z - z_mean[:, None], y - y_mean[:, None]
+    wz = w[..., None] * zc
+    gram = wz.transpose(1, 2) @ zc
+    # Padding columns are all zero; a unit diagonal there keeps the system regular and their beta 0.
+    valid = torch.arange(z.shape[2], device=z.device)[None] < n_features[:, None]
+    ridge = torch.where(valid, torch.full_like(valid, alpha, dtype=z.dtype), torch.ones_like(valid, dtype=z.dtype))
+    beta = torch.linalg.solve(gram + torch.diag_embed(ridge), (wz.transpose(1, 2) @ yc[..., None]))[..., 0]
+    return beta, y_mean - (z_mean * beta).sum(dim=1)
+
+
+def fill_with_mean_colours(images: Tensor, segments: Tensor, k_max: int) -> Tensor:
+    """images (B, C, S, S) float, segments (B, S, S) int64 ids < k_max -> (B, C, S, S) where every
+    pixel has its superpixel's mean colour."""
+    b, c = images.shape[:2]
+    ids = segments.reshape(b, 1, -1)
+    sums = images.new_zeros(b, c, k_max).scatter_add_(2, ids.expand(b, c, -1), images.reshape(b, c, -1))
+    counts = images.new_zeros(b, 1, k_max).scatter_add_(2, ids, torch.ones_like(ids, dtype=images.dtype))
+    means = sums / counts.clamp(min=1.0)
+    return means.gather(2, ids.expand(b, c, -1)).view_as(images)
+
+
+@register
+class Lime(Explainer):
+    """LIME with superpixels shared by the committee: mean-colour fill, cosine kernel, weighted ridge.
+
+    Params: n_samples perturbations per image (row 0 unperturbed), kernel_width, alpha (ridge),
+    p_keep (probability a superpixel is kept), forward_batch (perturbations per forward pass),
+    output (probability|logit), seed; segmentation, n_segments, compactness are read by the
+    decode stage for `superpixels.segment`.
+    """
+
+    name = "lime"
+    needs_segments = True
+    defaults = {"n_samples": 1000, "kernel_width": 0.25, "alpha": 1.0, "p_keep": 0.5, "forward_batch": 256,
+                "output": "probability", "seed": 0,
+                "segmentation": "slic", "n_segments": 50, "compactness": 10.0}
+
+    @classmethod
+    def check_params(cls, params):
+        super().check_params(params)
+        p = {**cls.defaults, **params}
+        check_output(p)
+        if p["segmentation"] not in METHODS:
+            raise SpecError(f"lime: segmentation must be one of {', '.join(METHODS)}, got {p['segmentation']!r}")
+        rules = [("n_samples", int, lambda v: v >= 2, "an integer >= 2"),
+                 ("forward_batch", int, lambda v: v >= 1, "an integer >= 1"),
+                 ("n_segments", int, lambda v: v >= 1, "an integer >= 1"),
+                 ("seed", int, lambda v: True, "an integer"),
+                 ("kernel_width", float, lambda v: v > 0, "a number > 0"),
+                 ("alpha", float, lambda v: v > 0, "a number > 0 (the ridge keeps repeated perturbations solvable)"),
+                 ("p_keep", float, lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
+                 ("compactness", float, lambda v: v > 0, "a number > 0")]
+        for key, kind, ok, rule in rules:
+            value = p[key]
+            allowed = (int, float) if kind is float else (int,)
+            if isinstance(value, bool) or not isinstance(value, allowed) or not ok(value):
+                raise SpecError(f"lime: {key} must be {rule}, got {value!r}")
+
+    def passes_per_image(self):
+        return self.params["n_samples"], 0
+
+    @torch.no_grad()
+    def explain(self, model, preprocess, images, target, segments=None):
+        """images (B, 3, S, S) in [0, 1], target (B,), segments (B, S, S) ids 0..K_b-1 ->
+        {"map": float32 (B, S, S) superpixel weights painted on their pixels,
+         "superpixel_weights": float32 (B, K_max), NaN beyond each image's K_b}."""
+        if segments is None:
+            raise ValueError("lime: explain() needs the superpixel ids (segments)")
+        p = self.params
+        n, device = int(p["n_samples"]), images.device
+        b, _, s, _ = images.shape
+        seg = segments.to(device=device, dtype=torch.long)
+        n_features = seg.flatten(1).max(dim=1).values + 1
+        k_max = int(n_features.max())
+
+        masks = self._masks(images, seg, n_features.tolist(), k_max).to(device)
+        fill = fill_with_mean_colours(images, seg, k_max)
+        targets = target.to(device).repeat_interleave(n)
+        scores = torch.empty(b * n, device=device)
+        step = int(p["forward_batch"])
+        for start in range(0, b * n, step):
+            stop = min(start + step, b * n)
+            pieces = []
+            for i in range(start // n, (stop - 1) // n + 1):  # the images this chunk spans
+                rows = masks[i, max(start - i * n, 0):min(stop - i * n, n)]
+                keep = rows[:, seg[i]][:, None]  # (m, 1, S, S)
+                pieces.append(torch.where(keep, images[i], fill[i]))
+            scores[start:stop] = class_score(model, preprocess(torch.cat(pieces)), targets[start:stop], p["output"])
+
+        weights = kernel_weights(masks, n_features, float(p["kernel_width"]))
+        beta, _ = fit_weighted_ridge(masks, scores.view(b, n), weights, float(p["alpha"]), n_features)
+        beta = beta.float()
+        valid = torch.arange(k_max, device=device)[None] < n_features[:, None]
+        return {"map": beta.gather(1, seg.flatten(1)).view(b, s, s),
+                "superpixel_weights": torch.where(valid, beta, torch.full_like(beta, float("nan")))}
+
+    def _masks(self, images: Tensor, seg: Tensor, n_features: list[int], k_max: int) -> Tensor:
+        """bool (B, n_samples, K_max) on the CPU, each image's drawn from its own content-seeded generator."""
+        p = self.params
+        pixels = (images.detach() * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+        seg_np = seg.cpu().numpy()
+        masks = torch.zeros(len(n_features), int(p["n_samples"]), k_max, dtype=torch.bool)
+        for i, k in enumerate(n_features):
+            gen = torch.Generator().manual_seed(perturbation_seed(p["seed"], pixels[i], seg_np[i]))
+            masks[i, :, :k] = sample_masks(int(p["n_samples"]), k, float(p["p_keep"]), gen)
+        return masks

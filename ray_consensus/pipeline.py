@@ -1,0 +1,302 @@
+"""The attribution pipeline on Ray Data, shard by shard:
+
+    shard tasks ─► DecodeShard (CPU tasks) ─► ExplainShard[model A] ─► ExplainShard[model B] ─► … ─► summary
+
+Each row is one shard. DecodeShard reads and decodes its images onto the shared grid
+(plus masks and superpixels), records bad inputs, and writes the shard's `inputs/` and
+`errors/` unit. Each committee member has its own actor pool; an actor loads its model
+once, explains the shard's images in batches and writes the (model, shard) attribution
+unit whole. Rows carry the decoded shard from one pool to the next; the last stage drops
+it, so the driver only sees small summaries.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from ray_consensus.config import RunSpec, fingerprint
+from ray_consensus.storage import Store
+from ray_consensus.units import DATA_FILE, attributions_dir, shard_dir, write_unit
+
+
+@dataclass
+class ShardTask:
+    """What to do for one shard (JSON in the dataset row)."""
+
+    shard: int
+    images: list[dict]               # image_id, uri, label, mask_uri
+    inputs_fp: str                   # fingerprint of the shard's inputs unit
+    write_inputs: bool               # inputs/errors unit missing or stale
+    models: dict[str, str]           # model_id -> attribution fingerprint, for units still to compute
+    previous: dict[str, str]         # unit folder -> stale fingerprint to replace
+
+
+@dataclass
+class StageContext:
+    spec: RunSpec
+    num_classes: int
+    store: Store
+
+
+# ---------------------------------------------------------------- decode (CPU)
+
+def decode_shards(batch: dict, ctx: StageContext) -> dict:
+    """Ray Data task stage: shard tasks (JSON) -> decoded shards (pickled payloads)."""
+    stage = DecodeShard(ctx)
+    return {"payload": np.array([pickle.dumps(stage.decode(ShardTask(**json.loads(t)))) for t in batch["task"]],
+                                dtype=object)}
+
+
+class DecodeShard:
+    def __init__(self, ctx: StageContext):
+        from ray_consensus.explainers import EXPLAINERS
+
+        self.ctx = ctx
+        self.explainer_cls = EXPLAINERS[ctx.spec.explainer.name]
+
+    def decode(self, task: ShardTask) -> dict:
+        from ray_consensus.data import DecodeError, decode_image, decode_mask
+        from ray_consensus.storage import read_uri_bytes
+
+        spec, store = self.ctx.spec, self.ctx.store
+        size, map_size = spec.run.image_size, spec.run.map_size
+        params = {**self.explainer_cls.defaults, **spec.explainer.params}
+        good, images, masks, segments, errors = [], [], [], [], []
+        for item in task.images:
+            def fail(stage, reason):
+                errors.append({"image_id": item["image_id"], "uri": item["uri"], "stage": stage, "reason": reason})
+            try:
+                data = read_uri_bytes(item["uri"], spec.storage)
+                image = decode_image(data, size)
+            except FileNotFoundError:
+                fail("decode", "image file not found")
+                continue
+            except DecodeError as e:
+                fail("decode", str(e))
+                continue
+            mask = None
+            if item.get("mask_uri") is not None:  # the data set has masks: every image should have one
+                try:
+                    if not item["mask_uri"]:
+                        raise DecodeError("no mask file for this image")
+                    from ray_consensus.data import image_size_of
+
+                    mask = decode_mask(read_uri_bytes(item["mask_uri"], spec.storage), image_size_of(data),
+                                       map_size, spec.dataset.mask_foreground)
+                except FileNotFoundError:
+                    fail("mask", "mask file not found")
+                except DecodeError as e:
+                    fail("mask", str(e))
+            good.append(item)
+            images.append(image)
+            masks.append(mask)
+            if self.explainer_cls.needs_segments:
+                from ray_consensus.superpixels import segment
+
+                segments.append(segment(image, params["segmentation"], int(params["n_segments"]),
+                                        float(params["compactness"]), seed=int(params["seed"])))
+        stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
+        seg = np.stack(segments) if segments else None
+        if task.write_inputs:
+            self.write_inputs(task, good, masks, seg, errors)
+        return {"task": task, "images": good, "pixels": stacked, "segments": seg}
+
+    def write_inputs(self, task, good, masks, seg, errors) -> None:
+        map_size = self.ctx.spec.run.map_size
+        inputs = pa.table({
+            "image_id": pa.array([g["image_id"] for g in good], pa.string()),
+            "label": pa.array([int(g["label"]) for g in good], pa.int64()),
+            "mask": pa.array([None if m is None else m.ravel() for m in masks], pa.list_(pa.uint8())),
+            "superpixels": pa.array([None] * len(good) if seg is None else
+                                    [_on_grid(s, map_size).ravel() for s in seg], pa.list_(pa.int32())),
+        })
+        errs = pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA) if errors else ERRORS_SCHEMA.empty_table()
+        folder = shard_dir("inputs", task.shard)
+        write_unit(self.ctx.store, folder, task.inputs_fp,
+                   {f"{folder}/{DATA_FILE}": inputs, f"{shard_dir('errors', task.shard)}/{DATA_FILE}": errs},
+                   task.previous.get(folder))
+
+
+def _on_grid(segments: np.ndarray, map_size: int) -> np.ndarray:
+    """(S, S) superpixel ids -> (M, M) by nearest sampling of cell centres (ids stay ids)."""
+    s = segments.shape[0]
+    idx = ((np.arange(map_size) + 0.5) * s / map_size).astype(int)
+    return segments[np.ix_(idx, idx)].astype(np.int32)
+
+
+ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("stage", pa.string()),
+                           ("reason", pa.string())])
+
+
+# ---------------------------------------------------------------- explain (one pool per model)
+
+class ExplainShard:
+    """Holds one committee member on the actor's device; explains whole shards."""
+
+    def __init__(self, ctx: StageContext, model_id: str):
+        import torch
+
+        from ray_consensus.committee import Preprocess, create_member_model, member_data_config
+        from ray_consensus.explainers import EXPLAINERS
+
+        self.ctx, self.model_id = ctx, model_id
+        spec = ctx.spec
+        member = spec.member(model_id)
+        self.device = torch.device("cuda" if spec.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        model = create_member_model(member, ctx.num_classes,
+                                    read_bytes=lambda uri: _read(uri, spec))
+        self.preprocess = Preprocess(member_data_config(model)).to(self.device)
+        if spec.resources.channels_last and self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.to(self.device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)  # gradients w.r.t. inputs only
+        self.explainer = EXPLAINERS[spec.explainer.name](**spec.explainer.params)
+        self.batch_size = member.batch_size or spec.resources.batch_size
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.resources.autocast)
+
+    def __call__(self, batch: dict) -> dict:
+        for payload in batch["payload"]:
+            shard = pickle.loads(payload)
+            task: ShardTask = shard["task"]
+            if self.model_id in task.models:
+                self.explain_shard(shard, task)
+        return batch
+
+    def explain_shard(self, shard: dict, task: ShardTask) -> None:
+        import torch
+
+        spec = self.ctx.spec
+        fp = task.models[self.model_id]
+        # Seeded per unit: a unit recomputed by any actor, in any run, gives the same maps.
+        torch.manual_seed(int(fingerprint(spec.method.seed, self.model_id, task.shard), 16) % 2**31)
+        pixels, segments, images = shard["pixels"], shard["segments"], shard["images"]
+        maps, extras, preds = [], {}, []
+        for start in range(0, len(images), self.batch_size):
+            stop = start + self.batch_size
+            x = torch.from_numpy(pixels[start:stop]).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+            labels = torch.tensor([int(i["label"]) for i in images[start:stop]], device=self.device)
+            seg = None if segments is None else torch.from_numpy(segments[start:stop]).to(self.device).long()
+            out, pred = self.explain_batch(x, labels, seg)
+            maps.append(out.pop("map"))
+            for k, v in out.items():
+                extras.setdefault(k, []).append(v)
+            preds.append(pred)
+        self.write(task, fp, images, maps, extras, preds)
+
+    def explain_batch(self, x, labels, seg):
+        import torch
+
+        from ray_consensus.committee import resample_maps
+
+        with self.autocast_ctx():
+            with torch.no_grad():
+                pred = self.model(self.preprocess(x)).argmax(dim=1)
+            target = pred if self.ctx.spec.method.target == "prediction" else labels
+            out = self.explainer.explain(self.model, self.preprocess, x, target, seg)
+        out["map"] = resample_maps(out["map"].float(), self.ctx.spec.run.map_size)
+        return {k: v.detach().float().cpu().numpy() for k, v in out.items()}, pred.cpu().numpy()
+
+    def autocast_ctx(self):
+        import contextlib
+
+        import torch
+
+        if self.autocast is None or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.autocast)
+
+    def write(self, task, fp, images, maps, extras, preds) -> None:
+        spec = self.ctx.spec
+        m = spec.run.map_size
+        labels = np.array([int(i["label"]) for i in images], dtype=np.int64)
+        pred = np.concatenate(preds) if preds else np.zeros(0, np.int64)
+        flat = (np.concatenate(maps) if maps else np.zeros((0, m, m), np.float32)).reshape(len(images), m * m)
+        value_type = pa.float16() if spec.run.map_dtype == "float16" else pa.float32()
+        columns = {
+            "image_id": pa.array([i["image_id"] for i in images], pa.string()),
+            "label": pa.array(labels),
+            "pred": pa.array(pred.astype(np.int64)),
+            "correct": pa.array(pred == labels),
+            "height": pa.array(np.full(len(images), m, np.int64)),
+            "width": pa.array(np.full(len(images), m, np.int64)),
+            "attribution": _list_column(flat.astype(np.float16 if value_type == pa.float16() else np.float32)),
+        }
+        for key, parts in extras.items():
+            values = np.concatenate(parts).reshape(len(images), -1).astype(np.float32)
+            columns[key] = _list_column(values)
+        folder = attributions_dir(self.model_id, task.shard)
+        write_unit(self.ctx.store, folder, fp, {f"{folder}/{DATA_FILE}": pa.table(columns)},
+                   task.previous.get(folder))
+
+
+def _list_column(values: np.ndarray) -> pa.Array:
+    """(N, P) -> list<value> column without a Python loop."""
+    n, p = values.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * p + 1, p, dtype=np.int32)),
+                                    pa.array(values.ravel()))
+
+
+def _read(uri: str, spec: RunSpec) -> bytes:
+    from ray_consensus.storage import read_uri_bytes
+
+    return read_uri_bytes(uri, spec.storage)
+
+
+def summarise(batch: dict) -> dict:
+    """Last stage: keep only what the driver needs for progress."""
+    out = {"shard": [], "n_images": [], "n_errors": [], "models": []}
+    for payload in batch["payload"]:
+        shard = pickle.loads(payload)
+        out["shard"].append(shard["task"].shard)
+        out["n_images"].append(len(shard["images"]))
+        out["n_errors"].append(len(shard["task"].images) - len(shard["images"]))
+        out["models"].append(",".join(sorted(shard["task"].models)))
+    return {k: np.array(v) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- the chain
+
+def quiet_ray_data(show_bars: bool) -> None:
+    """Our own per-shard lines are the progress; Ray Data's bars only on a terminal."""
+    import logging
+
+    from ray.data import DataContext
+
+    data_ctx = DataContext.get_current()
+    data_ctx.enable_progress_bars = show_bars
+    data_ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def run_attributions(ctx: StageContext, tasks: list[ShardTask], progress=None) -> float:
+    """Stream the tasks through decode and every model's pool; returns wall seconds."""
+    import dataclasses
+
+    import ray
+
+    spec = ctx.spec
+    t0 = time.time()
+    quiet_ray_data(show_bars=progress is not None and sys.stderr.isatty())
+    items = [{"task": json.dumps(dataclasses.asdict(t))} for t in tasks]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    ds = ds.map_batches(decode_shards, fn_args=(ctx,), batch_size=1, num_cpus=1)
+    needed = {m for t in tasks for m in t.models}
+    for member in spec.committee:
+        if member.id not in needed:
+            continue
+        ds = ds.map_batches(ExplainShard, fn_constructor_args=(ctx, member.id), batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=spec.resources.actors_per_model),
+                            num_gpus=spec.resources.num_gpus, num_cpus=spec.resources.num_cpus)
+    ds = ds.map_batches(summarise, batch_size=1, num_cpus=0.1)
+    for row in ds.iter_rows():
+        if progress:
+            progress(row)
+    return time.time() - t0

@@ -1,0 +1,62 @@
+"""Where each unit of work lives in the run root, and how completion is recorded.
+
+A unit (the attributions of one model for one shard, the inputs of one shard, one reduced
+shard) is a folder of Parquet files plus an empty marker object `_done-<fingerprint>`.
+The marker is written last, so a unit is complete exactly when its marker with the
+current fingerprint exists; a crashed write leaves no marker and the unit is redone,
+overwriting the same file names (no duplicate rows). Markers start with '_' so pandas,
+pyarrow, DuckDB and Spark skip them when reading the folders.
+
+Listing the run root once tells what is done: no marker has to be opened.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import pyarrow as pa
+
+from ray_consensus.storage import Store
+
+DATA_FILE = "part-0.parquet"
+MARKER = "_done-"
+
+
+def attributions_dir(model_id: str, shard: int) -> str:
+    return f"attributions/model={model_id}/shard={shard:05d}"
+
+
+def shard_dir(kind: str, shard: int) -> str:
+    """kind: inputs | errors | consensus | scores | subcommittees."""
+    return f"{kind}/shard={shard:05d}"
+
+
+def completed(store: Store, top: str) -> dict[str, str]:
+    """{unit folder: fingerprint} for every complete unit under `top` (one listing)."""
+    done = {}
+    for rel in store.list(top):
+        folder, _, name = rel.rpartition("/")
+        if name.startswith(MARKER):
+            done[folder] = name[len(MARKER):]
+    return done
+
+
+def write_unit(store: Store, folder: str, fp: str, tables: dict[str, pa.Table],
+               previous_fp: str | None = None) -> None:
+    """Write a unit whole: drop a stale marker, write the files, then the marker."""
+    if previous_fp is not None and previous_fp != fp:
+        store.delete(f"{folder}/{MARKER}{previous_fp}")
+    for rel, table in tables.items():
+        store.write_parquet(rel, table)
+    store.write_bytes(f"{folder}/{MARKER}{fp}", b"")
+
+
+def units_by_model(done: dict[str, str]) -> dict[str, dict[int, str]]:
+    """Attribution markers grouped: {model_id: {shard: fingerprint}}."""
+    out: dict[str, dict[int, str]] = defaultdict(dict)
+    for folder, fp in done.items():
+        m = re.fullmatch(r"attributions/model=(.+)/shard=(\d+)", folder)
+        if m:
+            out[m.group(1)][int(m.group(2))] = fp
+    return out

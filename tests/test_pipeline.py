@@ -1,0 +1,102 @@
+"""The whole local path on a real local Ray: attributions, reduce, tables, resume, growth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from ray_consensus.config import parse_spec
+from ray_consensus.runner import execute, status
+from tests.datasets import make_image_folder, tiny_spec
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def read_dir(path) -> pd.DataFrame:
+    return pq.read_table(str(path)).to_pandas()
+
+
+def recompute(root, model_ids):
+    """Independent recomputation of DESIGN section 3 defaults from attributions/ alone."""
+    attrs = read_dir(root / "attributions")
+    out = {}
+    for image_id, group in attrs.groupby("image_id"):
+        group = group.set_index("model").loc[model_ids]
+        maps = np.stack([np.asarray(a, dtype=np.float64) for a in group["attribution"]])
+        maps = np.abs(maps)
+        norms = np.linalg.norm(maps, axis=1, keepdims=True)
+        maps = np.divide(maps, norms, out=np.zeros_like(maps), where=norms > 0)
+        c = maps.mean(axis=0)
+        cos = maps @ c / np.maximum(np.linalg.norm(maps, axis=1) * np.linalg.norm(c), 1e-300)
+        out[image_id] = (c, dict(zip(model_ids, cos)))
+    return out
+
+
+def test_end_to_end_resume_and_growth(tmp_path, local_ray):
+    data = make_image_folder(tmp_path / "ds", n_classes=3, per_class=6)
+    root = tmp_path / "run"
+    spec = parse_spec(tiny_spec(data, str(root)))
+
+    info = execute(spec, progress=False)
+    assert info["status"] == "complete"
+    assert info["counts"]["images"] == 18 and info["counts"]["shards"] == 3
+    assert info["units_computed"] == {"attributions": 6, "reduce": 3}
+
+    # Contract layout and the stored consensus/scores follow from the stored attributions.
+    attrs = read_dir(root / "attributions")
+    assert set(attrs.columns) >= {"image_id", "label", "pred", "correct", "height", "width", "attribution"}
+    assert len(attrs) == 36 and not attrs.duplicated(["image_id", "model"]).any()
+    assert all(len(a) == 16 * 16 for a in attrs["attribution"])
+    consensus = read_dir(root / "consensus").set_index("image_id")
+    scores = read_dir(root / "scores")
+    expected = recompute(root, ["a", "b"])
+    assert set(consensus.index) == set(expected)
+    for image_id, (c, cos) in expected.items():
+        np.testing.assert_allclose(np.asarray(consensus.loc[image_id, "consensus"]), c, atol=1e-4)
+        assert consensus.loc[image_id, "n_models"] == 2
+        for model_id, value in cos.items():
+            stored = scores[(scores.image_id == image_id) & (scores.model_id == model_id)]["consensus_score"]
+            assert abs(float(stored.iloc[0]) - value) < 1e-4
+
+    models = pd.read_parquet(root / "tables" / "models.parquet").set_index("model_id")
+    for model_id in ("a", "b"):
+        own = attrs[attrs.model == model_id]
+        assert models.loc[model_id, "accuracy"] == pytest.approx(own["correct"].mean())
+        assert models.loc[model_id, "consensus_score"] == pytest.approx(
+            np.mean([cos[model_id] for _, cos in expected.values()]), abs=1e-6)
+    corr = pd.read_parquet(root / "tables" / "correlations.parquet")
+    assert {"spearman", "pearson"} <= set(corr[(corr.x == "consensus_score") & (corr.y == "accuracy")]["method"])
+    assert (root / "report" / "index.html").stat().st_size > 1000
+    assert (root / "tables" / "models.csv").exists()
+
+    # Unchanged rerun: nothing recomputed.
+    info = execute(spec, progress=False)
+    assert info["units_computed"] == {"attributions": 0, "reduce": 0}
+    assert info["units_skipped"]["attributions"] == 6
+
+    # A third member and 2 new images per class: only the new model's units and the new shard's units.
+    make_image_folder(data, n_classes=3, per_class=2, start=6)
+    grown = parse_spec(tiny_spec(data, str(root), models=("a=resnet10t@random", "b=mobilenetv3_small_050@random",
+                                                          "c=resnet10t@random")))
+    info = execute(grown, progress=False)
+    # old shards 0-2 keep their ids; the 6 new images form shard 3 (size 8 -> one shard).
+    assert info["counts"]["shards"] == 4
+    assert info["units_computed"]["attributions"] == 3 + 3  # c on shards 0-2, then a, b, c on shard 3
+    assert info["units_computed"]["reduce"] == 4
+    manifest = pd.read_parquet(root / "manifest.parquet")
+    assert sorted(manifest[manifest.image_id.str.endswith(("006", "007"))]["shard"].unique()) == [3]
+    attrs = read_dir(root / "attributions")
+    assert len(attrs) == 24 * 3 and not attrs.duplicated(["image_id", "model"]).any()
+
+    st = status(str(root))
+    assert st["models"]["c"]["missing"] == [] and st["models"]["c"]["done"] == [0, 1, 2, 3]
+    assert st["reduced"]["missing"] == []
