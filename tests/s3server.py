@@ -6,6 +6,7 @@ patched in-process. The server answers every AWS service, but only S3 is used he
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import secrets
 import socket
@@ -114,6 +115,8 @@ class S3Server:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        # A script or test that never calls stop() must not leave the server behind.
+        atexit.register(self._terminate)
         self._wait_until_answering()
         if self._snapshot is not None:
             self._restore(*self._snapshot)
@@ -125,6 +128,12 @@ class S3Server:
             return
         if keep_state:
             self._snapshot = self._take_snapshot()
+        self._terminate()
+
+    def _terminate(self) -> None:
+        atexit.unregister(self._terminate)
+        if self._proc is None:
+            return
         self._proc.terminate()
         try:
             self._proc.wait(timeout=10)

@@ -142,7 +142,7 @@ def test_runtime_env_is_accepted_by_ray_and_holds_no_credentials():
     data = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
     RuntimeEnv(**data)  # raises on malformed fields (e.g. non-string env values)
     assert "working_dir" not in data  # given by --working-dir
-    assert {".venv/", ".git/"} <= set(data["excludes"])
+    assert {".git/", "dist/"} <= set(data["excludes"])
     assert not [k for k in data["env_vars"] if re.search(r"KEY|SECRET|TOKEN|PASSWORD", k)]
 
 

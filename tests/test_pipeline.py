@@ -9,7 +9,7 @@ import pytest
 
 from ray_consensus.config import parse_spec
 from ray_consensus.runner import execute, status
-from tests.datasets import make_image_folder, tiny_spec
+from imagesets import make_image_folder, tiny_spec
 
 ray = pytest.importorskip("ray")
 
