@@ -86,7 +86,8 @@ class RunSection:
 class ResourcesSpec:
     actors_per_model: int = _f(1, "actors in each model's pool")
     num_gpus: float = _f(0.0, "GPUs per actor (0 on CPU; fractions share a GPU)")
-    num_cpus: float = _f(1.0, "CPUs per actor")
+    num_cpus: float | None = _f(None, "CPUs per actor (default: 1 with GPUs; on CPU-only clusters the CPUs "
+                                      "shared out so that every member's pool fits at once)")
     batch_size: int = _f(16, "images per forward batch (per member override: committee[].batch_size)")
     autocast: str = _f("none", "mixed precision on GPU actors", ("none", "bf16", "fp16"))
     channels_last: bool = _f(False, "channels_last memory format on GPU actors")
@@ -260,6 +261,8 @@ def check_spec(spec: RunSpec) -> None:
         raise SpecError(f"run.map_size ({r.map_size}) cannot exceed run.image_size ({r.image_size})")
     if spec.resources.num_gpus < 0:
         raise SpecError("resources.num_gpus must be >= 0")
+    if spec.resources.num_cpus is not None and spec.resources.num_cpus <= 0:
+        raise SpecError("resources.num_cpus must be > 0")
     if spec.method.leave_one_out and len(spec.committee) < 2:
         raise SpecError("method.leave_one_out needs at least 2 committee members")
 

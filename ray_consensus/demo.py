@@ -30,10 +30,17 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
+import skimage.data
+import timm
+import timm.data
+import torch
+import torch.nn.functional as F
 from PIL import Image
+from safetensors.torch import save_file
+from scipy.ndimage import gaussian_filter
 
 # Bump when anything that changes the bytes of the data set or the trained weights changes
 # without showing up in the parameters below (cut-out boxes, jitter ranges, optimiser, ...).
@@ -97,14 +104,13 @@ def _resize(array: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resize a float32 ``(H, W)`` or ``(H, W, C)`` array with PIL's antialiased bilinear filter."""
     if array.ndim == 2:
         image = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32))
-        return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
+        resized = image.resize((width, height), Image.Resampling.BILINEAR)
+        return np.asarray(resized, dtype=np.float32)
     return np.stack([_resize(array[:, :, c], height, width) for c in range(array.shape[2])], axis=2)
 
 
 @functools.lru_cache(maxsize=None)
 def _photo(name: str) -> np.ndarray:
-    import skimage.data
-
     return getattr(skimage.data, name)()
 
 
@@ -150,8 +156,6 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     """A random crop of a randomly tinted texture, float32 ``(size, size, 3)`` in [0, 1]."""
     texture = BACKGROUND_TEXTURES[rng.integers(len(BACKGROUND_TEXTURES))]
     if texture == "noise":
-        from scipy.ndimage import gaussian_filter
-
         field_ = gaussian_filter(rng.standard_normal((size, size)), sigma=rng.uniform(1.0, 4.0))
         gray = (field_ - field_.min()) / (np.ptp(field_) + 1e-8)
     else:
@@ -159,7 +163,8 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
         crop = int(rng.integers(size, min(photo.shape) // 2))
         top = int(rng.integers(photo.shape[0] - crop + 1))
         left = int(rng.integers(photo.shape[1] - crop + 1))
-        gray = np.rot90(_resize(photo[top : top + crop, left : left + crop], size, size), rng.integers(4))
+        gray = _resize(photo[top : top + crop, left : left + crop], size, size)
+        gray = np.rot90(gray, rng.integers(4))
     tint = rng.uniform(0.3, 1.0, size=3).astype(np.float32)
     offset = rng.uniform(0.0, 0.3, size=3).astype(np.float32)
     return np.clip(gray[:, :, None] * tint + offset, 0.0, 1.0).astype(np.float32)
@@ -193,7 +198,23 @@ def paste(
     return image, np.where(alpha >= 0.5, 255, 0).astype(np.uint8)
 
 
-def _render(source: ObjectSource, size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _rotate(rgba: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotate float32 ``(h, w, 4)`` about its centre, growing the canvas to keep the corners.
+
+    Colour is rotated unpremultiplied; that only darkens the one-pixel soft rim.
+    """
+    channels = [
+        Image.fromarray(np.ascontiguousarray(rgba[:, :, c])).rotate(
+            degrees, Image.Resampling.BILINEAR, expand=True
+        )
+        for c in range(4)
+    ]
+    return np.clip(np.stack([np.asarray(c, dtype=np.float32) for c in channels], axis=2), 0.0, 1.0)
+
+
+def _render(
+    source: ObjectSource, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """One labelled sample: uint8 ``(size, size, 3)`` image and uint8 ``(size, size)`` mask."""
     rgb, alpha = _object_base(source, 2 * size)
     if alpha is None:
@@ -218,27 +239,23 @@ def _render(source: ObjectSource, size: int, rng: np.random.Generator) -> tuple[
     return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8), mask
 
 
-def _rotate(rgba: np.ndarray, degrees: float) -> np.ndarray:
-    """Rotate float32 ``(h, w, 4)`` about its centre, growing the canvas to keep the corners."""
-    channels = [
-        np.asarray(
-            Image.fromarray(np.ascontiguousarray(rgba[:, :, c])).rotate(degrees, Image.Resampling.BILINEAR, expand=True),
-            dtype=np.float32,
-        )
-        for c in range(4)
-    ]
-    rotated = np.stack(channels, axis=2)
-    # Premultiplied colour would be cleaner; unpremultiplied bilinear only darkens the 1-px rim.
-    return np.clip(rotated, 0.0, 1.0)
+@dataclass(frozen=True)
+class DatasetSpec:
+    """The :func:`build_dataset` parameters besides ``root`` and ``seed``."""
+
+    n_classes: int = 10
+    per_class: int = 12
+    image_size: int = 64
+    train_per_class: int = 100
 
 
 def build_dataset(
     root: Path,
     seed: int = 0,
-    n_classes: int = 10,
-    per_class: int = 12,
-    image_size: int = 64,
-    train_per_class: int = 100,
+    n_classes: int = DatasetSpec.n_classes,
+    per_class: int = DatasetSpec.per_class,
+    image_size: int = DatasetSpec.image_size,
+    train_per_class: int = DatasetSpec.train_per_class,
 ) -> Path:
     """Write the demo image set under ``root`` (see the module docstring for the layout).
 
@@ -261,11 +278,11 @@ def build_dataset(
     counts = {"images": per_class, "train": train_per_class}
     for split, count in counts.items():
         for source in sources:
-            class_index = OBJECT_SOURCES.index(source)
+            source_index = OBJECT_SOURCES.index(source)
             for k in range(count):
-                rng = np.random.default_rng((seed, _SPLIT_CODES[split], class_index, k))
+                rng = np.random.default_rng((seed, _SPLIT_CODES[split], source_index, k))
                 image, mask = _render(source, image_size, rng)
-                image_id = f"{source.name}_{split}_{k:04d}"
+                image_id = f"{source.name}_{k:04d}"
                 _save_png(root / split / source.name / f"{image_id}.png", image)
                 if split == "images":
                     _save_png(root / "masks" / source.name / f"{image_id}.png", mask)
@@ -345,11 +362,11 @@ DEMO_COMMITTEE: tuple[MemberRecipe, ...] = (
         lr=1e-3,
         kwargs={"img_size": 56, "patch_size": 8, "depth": 6},
     ),
-    MemberRecipe("lcnet_050_short", "lcnet_050", 64, steps=40),
+    MemberRecipe("lcnet_050_short", "lcnet_050", 64, steps=60),
 )
 
 
-def model_kwargs(recipe: MemberRecipe) -> dict:
+def _model_kwargs(recipe: MemberRecipe) -> dict:
     """``timm.create_model`` keyword arguments (besides ``num_classes``) for a member.
 
     The overlay makes ``timm.data.resolve_data_config(model=model)`` report the size the
@@ -394,9 +411,10 @@ def train_committee(
             accuracy = _accuracy(model, dataset_root, "images")
             _save_member(model, weights, recipe, num_classes, description, accuracy)
             if progress:
+                seconds = time.perf_counter() - started
                 print(
                     f"[demo] {recipe.id:<22} {recipe.arch:<22} in={recipe.input_size:<3d} "
-                    f"steps={recipe.steps:<4d} acc={accuracy:.3f}  {time.perf_counter() - started:5.1f}s",
+                    f"steps={recipe.steps:<4d} acc={accuracy:.3f}  {seconds:5.1f}s",
                     flush=True,
                 )
         committee.append(
@@ -404,7 +422,7 @@ def train_committee(
                 "id": recipe.id,
                 "arch": recipe.arch,
                 "weights": str(weights),
-                "kwargs": model_kwargs(recipe),
+                "kwargs": _model_kwargs(recipe),
                 "num_classes": num_classes,
             }
         )
@@ -412,75 +430,73 @@ def train_committee(
 
 
 def _cache_key(parts: dict) -> str:
-    payload = json.dumps({"version": RECIPE_VERSION, **parts}, sort_keys=True, default=str)
+    payload = json.dumps({"version": RECIPE_VERSION, **parts}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def create_member(recipe: MemberRecipe, num_classes: int):
+def _create_member(recipe: MemberRecipe, num_classes: int) -> torch.nn.Module:
     """A freshly initialised ``torch.nn.Module`` for ``recipe`` (no pretrained weights)."""
-    import timm
-
-    return timm.create_model(recipe.arch, pretrained=False, num_classes=num_classes, **model_kwargs(recipe))
+    return timm.create_model(
+        recipe.arch, pretrained=False, num_classes=num_classes, **_model_kwargs(recipe)
+    )
 
 
 @contextlib.contextmanager
 def _torch_threads() -> Iterator[None]:
     """Use every core this process may run on, then restore torch's setting."""
-    import torch
-
     before = torch.get_num_threads()
-    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if hasattr(os, "sched_getaffinity"):
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
     try:
         yield
     finally:
         torch.set_num_threads(before)
 
 
-def _load_split(model, root: Path, split: str):
+def _load_split(
+    model: torch.nn.Module, root: Path, split: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images of ``split`` through the model's timm eval transform.
 
     Returns ``(x, y)``: float32 ``(N, 3, S, S)`` normalised as timm resolves for ``model``,
     and int64 ``(N,)`` labels.
     """
     import timm.data
-    import torch
-
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
     paths, labels = _labelled_files(root, split)
     x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
     return x, torch.tensor(labels, dtype=torch.int64)
 
 
-def _augment(x, generator):
+def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal flips and shifts of up to 1/8 of the side (reflect-padded).
 
     ``x``: float32 ``(B, 3, S, S)``; returns the same shape.
     """
-    import torch
-    import torch.nn.functional as F
-
     size = x.shape[-1]
     pad = max(1, size // 8)
     flip = torch.rand(x.shape[0], generator=generator) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     offsets = torch.randint(0, 2 * pad + 1, (x.shape[0], 2), generator=generator).tolist()
-    return torch.stack([padded[i, :, dy : dy + size, dx : dx + size] for i, (dy, dx) in enumerate(offsets)])
+    crops = [padded[i, :, dy : dy + size, dx : dx + size] for i, (dy, dx) in enumerate(offsets)]
+    return torch.stack(crops)
 
 
-def _train(recipe: MemberRecipe, root: Path, num_classes: int, seed: int):
+def _train(recipe: MemberRecipe, root: Path, num_classes: int, seed: int) -> torch.nn.Module:
     """Train a fresh member on ``root/train``; returns the model in eval mode."""
-    import torch
-    import torch.nn.functional as F
-
     member_seed = int(_cache_key({"id": recipe.id, "seed": seed}), 16) % 2**31
     torch.manual_seed(member_seed)
     generator = torch.Generator().manual_seed(member_seed)
     with _torch_threads():
-        model = create_member(recipe, num_classes)
+        model = _create_member(recipe, num_classes)
         x, y = _load_split(model, root, "train")
         optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.05)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, recipe.lr, total_steps=recipe.steps, pct_start=0.15)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, recipe.lr, total_steps=recipe.steps, pct_start=0.15
+        )
         model.train()
         order = torch.randperm(len(y), generator=generator)
         cursor = 0
@@ -489,7 +505,8 @@ def _train(recipe: MemberRecipe, root: Path, num_classes: int, seed: int):
                 order, cursor = torch.randperm(len(y), generator=generator), 0
             batch = order[cursor : cursor + recipe.batch_size]
             cursor += recipe.batch_size
-            loss = F.cross_entropy(model(_augment(x[batch], generator)), y[batch], label_smoothing=0.1)
+            logits = model(_augment(x[batch], generator))
+            loss = F.cross_entropy(logits, y[batch], label_smoothing=0.1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -497,28 +514,30 @@ def _train(recipe: MemberRecipe, root: Path, num_classes: int, seed: int):
     return model.eval()
 
 
-def _accuracy(model, root: Path, split: str) -> float:
+def _accuracy(model: torch.nn.Module, root: Path, split: str) -> float:
     """Top-1 accuracy of ``model`` on ``root/<split>``, a float in [0, 1]."""
-    import torch
-
     with _torch_threads(), torch.inference_mode():
         x, y = _load_split(model, root, split)
         predictions = torch.cat([model(chunk).argmax(1) for chunk in x.split(256)])
     return float((predictions == y).float().mean())
 
 
-def _save_member(model, weights: Path, recipe: MemberRecipe, num_classes: int, description: dict, accuracy: float) -> None:
+def _save_member(
+    model: torch.nn.Module,
+    weights: Path,
+    recipe: MemberRecipe,
+    num_classes: int,
+    description: dict,
+    accuracy: float,
+) -> None:
     """Write the safetensors file, then the sidecar (its presence marks the member complete)."""
-    from safetensors.torch import save_file
-
     weights.parent.mkdir(parents=True, exist_ok=True)
-    partial = weights.with_name(weights.name + f".partial-{os.getpid()}")
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(partial))
-    os.replace(partial, weights)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    _write_atomic(weights, lambda path: save_file(tensors, str(path)))
     sidecar = {
         "id": recipe.id,
         "arch": recipe.arch,
-        "kwargs": model_kwargs(recipe),
+        "kwargs": _model_kwargs(recipe),
         "num_classes": num_classes,
         "classes": description["classes"],
         "input_size": [3, recipe.input_size, recipe.input_size],
@@ -529,26 +548,18 @@ def _save_member(model, weights: Path, recipe: MemberRecipe, num_classes: int, d
         "test_accuracy": accuracy,
         "recipe_version": RECIPE_VERSION,
     }
-    _write_atomic(weights.with_suffix(".json"), json.dumps(sidecar, indent=2) + "\n")
+    text = json.dumps(sidecar, indent=2) + "\n"
+    _write_atomic(weights.with_suffix(".json"), lambda path: path.write_text(text))
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """``write`` a sibling temporary file, then rename it onto ``path`` (never half-written)."""
     partial = path.with_name(path.name + f".partial-{os.getpid()}")
-    partial.write_text(text)
+    write(partial)
     os.replace(partial, path)
 
 
 # --------------------------------------------------------------------------- entry point
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """The :func:`build_dataset` parameters besides ``root`` and ``seed``."""
-
-    n_classes: int = 10
-    per_class: int = 12
-    image_size: int = 64
-    train_per_class: int = 100
 
 
 def default_cache_dir() -> Path:
@@ -580,8 +591,10 @@ def ensure_demo(
         partial = root.with_name(root.name + f".partial-{os.getpid()}")
         shutil.rmtree(partial, ignore_errors=True)
         build_dataset(partial, seed=seed, **dataclasses.asdict(spec))
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(partial, root)
+        try:
+            os.replace(partial, root)
+        except OSError:  # another process renamed its identical copy into place first
+            shutil.rmtree(partial)
         if progress:
             description = json.loads((root / "dataset.json").read_text())
             print(

@@ -52,6 +52,9 @@ class Explainer:
                 raise SpecError(f"explainer.params: unknown parameter '{key}' for {cls.name}"
                                 f"{_suggest(key, cls.defaults)}")
 
+    def check_model(self, model: nn.Module) -> None:
+        """Raise SpecError when this explainer cannot explain `model` (checked before any Ray work)."""
+
     def passes_per_image(self) -> tuple[int, int]:
         """(forward, backward) passes per image and model, for the plan's cost estimate."""
         return 1, 1
@@ -176,3 +179,7 @@ class Saliency(Explainer):
         x = preprocess(images).detach()
         attr = CaptumSaliency(ScoreModel(model, self.params["output"])).attribute(x, target=target, abs=False)
         return {"map": reduce_channels(attr)}
+
+
+# Explainers in modules of their own register themselves on import.
+from ray_consensus import gradcam, lime  # noqa: E402,F401

@@ -112,6 +112,9 @@ class GradCam(Explainer):
         if p["layer"] is not None and (not isinstance(p["layer"], str) or not p["layer"]):
             raise SpecError(f"gradcam: layer must be a module name (e.g. 'layer4') or null, got {p['layer']!r}")
 
+    def check_model(self, model):
+        target_layer(model, self.params["layer"])
+
     def explain(self, model, preprocess, images, target, segments=None):
         """images (B, 3, S, S) in [0, 1], target (B,) -> {"map": float32 (B, h', w') on the layer's grid}."""
         from captum.attr import LayerGradCam

@@ -29,6 +29,16 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return True
+
+
 class Lease:
     def __init__(self, store: Store, ttl_s: float = TTL_S):
         self.store, self.ttl = store, ttl_s
@@ -47,9 +57,17 @@ class Lease:
         self.store.write_json(LEASE_FILE, {**self.holder, "acquired": _iso(now), "expires_at": now + self.ttl,
                                            "expires": _iso(now + self.ttl)})
 
+    def _live(self, held: dict | None) -> bool:
+        """A foreign lease that still counts: unexpired, and not left by a dead process on this host."""
+        if not held or held.get("run_id") == self.holder["run_id"] or held.get("expires_at", 0) <= time.time():
+            return False
+        if held.get("host") == self.holder["host"] and not _pid_alive(int(held.get("pid", -1))):
+            return False  # its run crashed on this very machine: no need to wait for the expiry
+        return True
+
     def acquire(self) -> None:
         held = self._current()
-        if held and held.get("run_id") != self.holder["run_id"] and held.get("expires_at", 0) > time.time():
+        if self._live(held):
             raise LeaseHeld(f"run root {self.store.root} is in use by run {held.get('run_id')} on host "
                             f"{held.get('host')} (pid {held.get('pid')}); its lease expires at "
                             f"{held.get('expires')} unless renewed")

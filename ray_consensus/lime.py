@@ -102,6 +102,14 @@ def fill_with_mean_colours(images: Tensor, segments: Tensor, k_max: int) -> Tens
     return means.gather(2, ids.expand(b, c, -1)).view_as(images)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 @register
 class Lime(Explainer):
     """LIME with superpixels shared by the committee: mean-colour fill, cosine kernel, weighted ridge.
@@ -125,19 +133,18 @@ class Lime(Explainer):
         check_output(p)
         if p["segmentation"] not in METHODS:
             raise SpecError(f"lime: segmentation must be one of {', '.join(METHODS)}, got {p['segmentation']!r}")
-        rules = [("n_samples", int, lambda v: v >= 2, "an integer >= 2"),
-                 ("forward_batch", int, lambda v: v >= 1, "an integer >= 1"),
-                 ("n_segments", int, lambda v: v >= 1, "an integer >= 1"),
-                 ("seed", int, lambda v: True, "an integer"),
-                 ("kernel_width", float, lambda v: v > 0, "a number > 0"),
-                 ("alpha", float, lambda v: v > 0, "a number > 0 (the ridge keeps repeated perturbations solvable)"),
-                 ("p_keep", float, lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
-                 ("compactness", float, lambda v: v > 0, "a number > 0")]
-        for key, kind, ok, rule in rules:
-            value = p[key]
-            allowed = (int, float) if kind is float else (int,)
-            if isinstance(value, bool) or not isinstance(value, allowed) or not ok(value):
-                raise SpecError(f"lime: {key} must be {rule}, got {value!r}")
+        rules = {"n_samples": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+                 "forward_batch": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+                 "n_segments": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+                 "seed": (_is_int, "an integer"),
+                 "kernel_width": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+                 "alpha": (lambda v: _is_number(v) and v > 0,
+                           "a number > 0 (the ridge keeps repeated perturbations solvable)"),
+                 "p_keep": (lambda v: _is_number(v) and 0 < v < 1, "a number strictly between 0 and 1"),
+                 "compactness": (lambda v: _is_number(v) and v > 0, "a number > 0")}
+        for key, (ok, rule) in rules.items():
+            if not ok(p[key]):
+                raise SpecError(f"lime: {key} must be {rule}, got {p[key]!r}")
 
     def passes_per_image(self):
         return self.params["n_samples"], 0

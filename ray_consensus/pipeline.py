@@ -229,9 +229,9 @@ class ExplainShard:
             "width": pa.array(np.full(len(images), m, np.int64)),
             "attribution": _list_column(flat.astype(np.float16 if value_type == pa.float16() else np.float32)),
         }
-        for key, parts in extras.items():
-            values = np.concatenate(parts).reshape(len(images), -1).astype(np.float32)
-            columns[key] = _list_column(values)
+        for key, parts in extras.items():  # per-image vectors, NaN-padded per batch (e.g. superpixel weights)
+            rows = [row[~np.isnan(row)] for part in parts for row in part.reshape(len(part), -1)]
+            columns[key] = pa.array([r.astype(np.float32) for r in rows], pa.list_(pa.float32()))
         folder = attributions_dir(self.model_id, task.shard)
         write_unit(self.ctx.store, folder, fp, {f"{folder}/{DATA_FILE}": pa.table(columns)},
                    task.previous.get(folder))
@@ -264,6 +264,35 @@ def summarise(batch: dict) -> dict:
 
 # ---------------------------------------------------------------- the chain
 
+def actor_cpus(spec: RunSpec, n_models: int, cluster: dict) -> float:
+    """CPUs per attribution actor.
+
+    Every member's pool must be alive at once (the shards stream through all of them), so the
+    pools must fit the cluster together; otherwise the pipeline waits for actors that cannot be
+    placed. Unset `num_cpus` shares the CPUs out on CPU-only clusters. What does not fit now is
+    reported, not refused: an autoscaling cluster adds the nodes.
+    """
+    r = spec.resources
+    actors = n_models * r.actors_per_model
+    total_cpus, total_gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
+    if r.num_gpus > 0 and actors * r.num_gpus > total_gpus:
+        _warn(f"{actors} actors x {r.num_gpus:g} GPU need {actors * r.num_gpus:g} GPUs, the cluster has "
+              f"{total_gpus:g} now: waiting for the autoscaler (or lower resources.num_gpus to share GPUs)")
+    if r.num_cpus is not None:
+        if actors * r.num_cpus > total_cpus:
+            _warn(f"{actors} actors x {r.num_cpus:g} CPU need {actors * r.num_cpus:g} CPUs, the cluster has "
+                  f"{total_cpus:g} now: waiting for the autoscaler (or leave resources.num_cpus unset)")
+        return r.num_cpus
+    if r.num_gpus > 0 or total_cpus == 0:
+        return 1.0
+    # Keep a share for the decode tasks; round down so the sum never exceeds the cluster.
+    return max(0.01, min(1.0, int(total_cpus * 0.9 / (actors + 1) * 100) / 100))
+
+
+def _warn(msg: str) -> None:
+    print(f"[ray-consensus] warning: {msg}", file=sys.stderr, flush=True)
+
+
 def quiet_ray_data(show_bars: bool) -> None:
     """Our own per-shard lines are the progress; Ray Data's bars only on a terminal."""
     import logging
@@ -287,14 +316,13 @@ def run_attributions(ctx: StageContext, tasks: list[ShardTask], progress=None) -
     quiet_ray_data(show_bars=progress is not None and sys.stderr.isatty())
     items = [{"task": json.dumps(dataclasses.asdict(t))} for t in tasks]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(decode_shards, fn_args=(ctx,), batch_size=1, num_cpus=1)
-    needed = {m for t in tasks for m in t.models}
-    for member in spec.committee:
-        if member.id not in needed:
-            continue
-        ds = ds.map_batches(ExplainShard, fn_constructor_args=(ctx, member.id), batch_size=1,
+    needed = [m.id for m in spec.committee if any(m.id in t.models for t in tasks)]
+    cpus = actor_cpus(spec, len(needed), ray.cluster_resources())
+    ds = ds.map_batches(decode_shards, fn_args=(ctx,), batch_size=1, num_cpus=min(1.0, cpus))
+    for model_id in needed:
+        ds = ds.map_batches(ExplainShard, fn_constructor_args=(ctx, model_id), batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=spec.resources.actors_per_model),
-                            num_gpus=spec.resources.num_gpus, num_cpus=spec.resources.num_cpus)
+                            num_gpus=spec.resources.num_gpus, num_cpus=cpus)
     ds = ds.map_batches(summarise, batch_size=1, num_cpus=0.1)
     for row in ds.iter_rows():
         if progress:

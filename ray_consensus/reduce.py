@@ -58,7 +58,12 @@ def load_shard(store: Store, shard: int, model_ids: list[str]) -> ShardMaps:
     maps = np.stack([_list_to_array(t.column("attribution"), side * side) for t in tables]).astype(np.float64)
     weights = None
     if n and "superpixel_weights" in tables[0].column_names:
-        weights = np.stack([_list_to_array(t.column("superpixel_weights")) for t in tables]).astype(np.float64)
+        rows = [t.column("superpixel_weights").to_pylist() for t in tables]
+        width = max(len(r) for per_model in rows for r in per_model)
+        weights = np.zeros((len(tables), n, width))  # superpixels an image lacks weigh 0
+        for k, per_model in enumerate(rows):
+            for i, r in enumerate(per_model):
+                weights[k, i, :len(r)] = r
     mask_col = inputs.column("mask").to_pylist()
     has_mask = np.array([m is not None for m in mask_col], dtype=bool)
     masks = None

@@ -45,14 +45,15 @@ def preflight(spec: RunSpec, check_weights: bool = True) -> tuple[Store, Manifes
     store.check_writable()
     manifest = read_manifest(spec.dataset, spec.storage)
     if check_weights:
+        explainer = EXPLAINERS[spec.explainer.name](**spec.explainer.params)
         for member in spec.committee:
             if member.weights == "pretrained":
                 continue  # downloading hub weights on the driver would double the traffic; actors load them
-            model = create_member_model(member, manifest.num_classes,
-                                        read_bytes=lambda uri: _read(uri, spec))
-            explainer = EXPLAINERS[spec.explainer.name]
-            if hasattr(explainer, "check_model"):
-                explainer.check_model(model, member)
+            model = create_member_model(member, manifest.num_classes, read_bytes=lambda uri: _read(uri, spec))
+            try:
+                explainer.check_model(model)
+            except SpecError as e:
+                raise SpecError(f"model {member.id}: {e}") from None
     return store, manifest
 
 

@@ -38,8 +38,9 @@ class S3Server:
     State: moto keeps buckets and objects in the memory of its process, so a process that
     is killed loses them. `stop()` therefore first snapshots every bucket and object over
     the S3 API and `start()` puts them back on the same port: a stop/start pair behaves
-    like an outage of a real store, whose data survives. `stop(keep_state=False)` drops
-    them instead. moto's own `/moto-api/` does not cover this: `reset` only wipes, and its
+    like an outage of a real store, whose data survives (objects with their content type
+    and user metadata; not versions, tags or unfinished multipart uploads).
+    `stop(keep_state=False)` drops them instead. moto's own `/moto-api/` does not cover this: `reset` only wipes, and its
     request recorder replays raw requests, which breaks on multipart uploads (new upload
     ids) and can interleave log lines under concurrent writers.
     """

@@ -117,15 +117,22 @@ def test_imagenet_committee_is_20_plus_pretrained_imagenet_models_of_many_famili
     assert spec.dataset.num_classes == 1000
 
 
-def test_demo_spec_rebuilds_exactly_the_demo_committee():
-    from ray_consensus.config import load_spec_file, parse_spec
-    from ray_consensus.demo import DEMO_COMMITTEE, model_kwargs
+def test_demo_spec_rebuilds_the_demo_committee_as_trained():
+    import timm
+    from ray_consensus.committee import create_member_model, member_data_config
+    from ray_consensus.config import MemberSpec, load_spec_file, parse_spec
+    from ray_consensus.demo import DEMO_COMMITTEE
 
     spec = parse_spec(load_spec_file(REPO / "jobs" / "demo-local-s3.yaml"))
-    got = [(m.id, m.arch, m.kwargs, m.weights) for m in spec.committee]
-    want = [(r.id, r.arch, model_kwargs(r), f"s3://ray-consensus-demo/inputs/models/{r.id}.safetensors")
-            for r in DEMO_COMMITTEE]
-    assert got == want
+    assert [(m.id, m.arch) for m in spec.committee] == [(r.id, r.arch) for r in DEMO_COMMITTEE]
+    for member, recipe in zip(spec.committee, DEMO_COMMITTEE):
+        assert member.weights == f"s3://ray-consensus-demo/inputs/models/{recipe.id}.safetensors"
+        built = create_member_model(MemberSpec(member.id, member.arch, "random", member.kwargs), 10)
+        trained = timm.create_model(recipe.arch, num_classes=10, **recipe.kwargs)
+        # Same tensors (so the checkpoint loads) and the input size the member was trained at.
+        assert {k: v.shape for k, v in built.state_dict().items()} == \
+               {k: v.shape for k, v in trained.state_dict().items()}, member.id
+        assert member_data_config(built).input_size == (recipe.input_size, recipe.input_size), member.id
 
 
 def test_voc_spec_counts_only_object_pixels_as_foreground():

@@ -95,16 +95,15 @@ def test_kernel_is_exponential_on_cosine_distance_to_all_ones():
 
 
 def test_weighted_ridge_by_hand_with_unpenalised_intercept_and_padding():
-    # One feature, z = (0, 1, 1), y = (1, 3, 5), w = (1, 1, 2), alpha = 0.5:
-    # weighted means z = 3/4, y = 14/4; sum w zc^2 = 3/4; sum w zc yc = 3.5 * 3/4 ... solved below.
+    # One real feature (the second column is padding): z = (0, 1, 1), y = (1, 3, 5), w = (1, 1, 2), alpha = 0.5.
+    # Weighted means zbar = 3/4, ybar = 14/4; sum w zc^2 = 9/16 + 1/16 + 2/16 = 3/4;
+    # sum w zc yc = (-3/4)(-5/2) + (1/4)(-1/2) + 2 (1/4)(3/2) = 5/2; beta = (5/2) / (3/4 + 1/2) = 2;
+    # b = ybar - zbar beta = 7/2 - 3/2 = 2 (not shrunk).
     z = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
     y, w = torch.tensor([[1.0, 3.0, 5.0]]), torch.tensor([[1.0, 1.0, 2.0]])
-    zbar, ybar = 3 / 4, 14 / 4
-    sxx = 1 * (0 - zbar)**2 + 1 * (1 - zbar)**2 + 2 * (1 - zbar)**2
-    sxy = 1 * (0 - zbar) * (1 - ybar) + 1 * (1 - zbar) * (3 - ybar) + 2 * (1 - zbar) * (5 - ybar)
     beta, b = fit_weighted_ridge(z, y, w, alpha=0.5, n_features=torch.tensor([1]))
-    torch.testing.assert_close(beta, torch.tensor([[sxy / (sxx + 0.5), 0.0]], dtype=torch.float64))
-    torch.testing.assert_close(b, torch.tensor([ybar - zbar * sxy / (sxx + 0.5)], dtype=torch.float64))
+    torch.testing.assert_close(beta, torch.tensor([[2.0, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(b, torch.tensor([2.0], dtype=torch.float64))
 
 
 def test_check_params_explains_bad_values():
