@@ -302,6 +302,7 @@ def quiet_ray_data(show_bars: bool) -> None:
     data_ctx = DataContext.get_current()
     data_ctx.enable_progress_bars = show_bars
     data_ctx.print_on_execution_start = False
+    data_ctx.issue_detectors_config.detectors = []  # its memory hints misread the models' one-off load
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 

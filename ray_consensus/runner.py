@@ -327,7 +327,8 @@ def write_report(store: Store) -> str:
     correlations = store.read_parquet("tables/correlations.parquet").to_pandas()
     robustness = store.read_parquet("tables/robustness.parquet").to_pandas() \
         if store.exists("tables/robustness.parquet") else None
-    html = render_report(models, correlations, robustness, gallery_items(store, info), info)
+    summary = {**info, "explainer": info["spec"]["explainer"], "created": info.get("updated")}
+    html = render_report(models, correlations, robustness, gallery_items(store, info), summary)
     store.write_text("report/index.html", html)
     return store.uri("report/index.html")
 

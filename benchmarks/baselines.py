@@ -1,0 +1,207 @@
+"""The loops the pipeline is measured against, run in the benchmark's own process.
+
+* `smoothgrad_batches`: the explainer called batch by batch on images already decoded in
+  memory: no Ray, no storage, no reducer (figure 1's denominator).
+* `committee_images`: single-machine consensus code as it is usually written: for each
+  image, decode it, run every model on it one after another, then vote (figure 3's denominator).
+* `captum_lime`: captum's `Lime`, one call per image, fed the perturbation masks, mean-colour
+  fill, kernel and ridge surrogate of `ray_consensus.lime` (figure 2's denominator).
+
+The two loops are lists of steps (a batch, an image) for `alternate_threads`, which times them
+at 1 torch thread and at torch's default, interleaved, and may stop at a time cap between
+steps: every image costs the same here, so the throughput of the images done is the loop's
+throughput, and a slow baseline cannot blow the benchmark's time budget.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from captum._utils.models.model import Model
+from torch import Tensor, nn
+
+from ray_consensus import consensus as cm
+from ray_consensus.committee import Preprocess, resample_maps
+from ray_consensus.data import decode_image
+from ray_consensus.explainers import Explainer, ScoreModel
+from ray_consensus.lime import fit_weighted_ridge, perturbation_seed, sample_masks
+
+
+@dataclass
+class Throughput:
+    images: int
+    seconds: float
+    threads: int         # torch intra-op threads the loop ran with
+
+    @property
+    def per_s(self) -> float:
+        return self.images / self.seconds
+
+
+DEFAULT_THREADS = torch.get_num_threads()  # before anything here changes it
+
+
+def thread_settings() -> list[int]:
+    """The torch thread counts every baseline is tried with: 1 and torch's default."""
+    return sorted({1, DEFAULT_THREADS})
+
+
+def faster_threads(step: Callable[[], None], min_s: float = 1.0) -> tuple[int, dict[int, float]]:
+    """Time `step` at each of `thread_settings()`; return the faster count and seconds per call of each.
+
+    One warm-up call, then calls until `min_s` has passed (at least one). Leaves torch at the
+    faster count. For steps too slow to repeat (one captum call per image), probe a piece of them.
+    """
+    cost = {}
+    for threads in thread_settings():
+        torch.set_num_threads(threads)
+        step()
+        calls, t0 = 0, time.perf_counter()
+        while calls < 1 or time.perf_counter() - t0 < min_s:
+            step()
+            calls += 1
+        cost[threads] = (time.perf_counter() - t0) / calls
+    best = min(cost, key=cost.get)
+    torch.set_num_threads(best)
+    return best, cost
+
+
+def alternate_threads(steps: list[Callable[[], int]], time_cap_s: float, drop_ratio: float = 1.5) -> dict[int, Throughput]:
+    """Run `steps` in order (each processes some images and returns how many), alternating the
+    torch thread count between `thread_settings()`; return each count's throughput.
+
+    Alternating step by step exposes both counts to the same machine load. Once every count has
+    run a step, a count slower than the fastest by `drop_ratio` is dropped, so a pathological
+    setting costs one step, not half the loop. `steps[0]` is run once untimed first (warm-up).
+    Stops at `time_cap_s` (between steps). Leaves torch at its default count.
+    """
+    active = thread_settings()
+    done, spent = dict.fromkeys(active, 0), dict.fromkeys(active, 0.0)
+    steps[0]()
+    t_start = time.perf_counter()
+    for i, step in enumerate(steps):
+        threads = active[i % len(active)]
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        done[threads] += step()
+        spent[threads] += time.perf_counter() - t0
+        if len(active) > 1 and all(done[t] for t in active):
+            rate = {t: done[t] / spent[t] for t in active}
+            active = [t for t in active if rate[t] * drop_ratio >= max(rate.values())]
+        if time.perf_counter() - t_start > time_cap_s:
+            break
+    torch.set_num_threads(DEFAULT_THREADS)
+    return {t: Throughput(done[t], spent[t], t) for t in done if done[t]}
+
+
+# ---------------------------------------------------------------- figure 1
+
+def to_batch(pixels: np.ndarray) -> Tensor:
+    """uint8 (B, S, S, 3) -> float32 (B, 3, S, S) in [0, 1], as the attribution actor does it."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255)
+
+
+def smoothgrad_batches(model: nn.Module, preprocess: Preprocess, explainer: Explainer, pixels: np.ndarray,
+                       labels: np.ndarray, batch_size: int) -> list[Callable[[], int]]:
+    """The bare loop as steps: `explainer.explain` on one batch of pre-decoded uint8 (N, S, S, 3)
+    images, map copied to numpy; each step returns its image count."""
+    def step(start: int) -> int:
+        x = to_batch(pixels[start:start + batch_size])
+        target = torch.from_numpy(labels[start:start + batch_size].copy())
+        explainer.explain(model, preprocess, x, target)["map"].numpy()
+        return len(x)
+
+    return [functools.partial(step, start) for start in range(0, len(pixels), batch_size)]
+
+
+# ---------------------------------------------------------------- figure 3
+
+def explain_one(models: list[tuple[nn.Module, Preprocess]], explainer: Explainer, image: np.ndarray, label: int,
+                map_size: int) -> np.ndarray:
+    """One decoded uint8 (S, S, 3) image through every model in turn -> float64 (K, map_size**2)."""
+    x = to_batch(image[None])
+    target = torch.tensor([label])
+    maps = [resample_maps(explainer.explain(model, pre, x, target)["map"].detach(), map_size)
+            for model, pre in models]
+    return torch.cat(maps).reshape(len(models), -1).double().numpy()
+
+
+def committee_images(files: list[str], labels: list[int], models: list[tuple[nn.Module, Preprocess]],
+                     explainer: Explainer, image_size: int, map_size: int) -> list[Callable[[], int]]:
+    """The sequential loop as steps, one per image: read and decode the file, explain it with every
+    model one after another, normalise, vote, score."""
+    def step(path: str, label: int) -> int:
+        with open(path, "rb") as f:
+            image = decode_image(f.read(), image_size)
+        maps = cm.normalise(explain_one(models, explainer, image, label, map_size), "abs_l2")
+        cm.similarity(maps, cm.vote(maps, "mean")[None], "cosine")
+        return 1
+
+    return [functools.partial(step, path, label) for path, label in zip(files, labels)]
+
+
+# ---------------------------------------------------------------- figure 2
+
+def lime_masks(images: Tensor, segments: Tensor, n_samples: int, p_keep: float, seed: int) -> list[Tensor]:
+    """The perturbation masks `ray_consensus.lime.Lime` draws for each image: bool (n_samples, K_i).
+
+    images float (B, 3, S, S) in [0, 1], segments int64 (B, S, S) ids 0..K_i-1.
+    """
+    pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    out = []
+    for i in range(len(images)):
+        seg = segments[i].numpy()
+        gen = torch.Generator().manual_seed(perturbation_seed(seed, pixels[i], seg))
+        out.append(sample_masks(n_samples, int(seg.max()) + 1, p_keep, gen))
+    return out
+
+
+class RidgeSurrogate(Model):
+    """captum interpretable model: `ray_consensus.lime.fit_weighted_ridge` on one image's samples."""
+
+    def __init__(self, alpha: float):
+        self.alpha, self.beta = alpha, None
+
+    def fit(self, train_data, **kwargs):
+        ((z, y, w),) = list(train_data)  # captum passes all samples as one batch
+        beta, _ = fit_weighted_ridge(z[None], y[None], w[None], self.alpha, torch.tensor([z.shape[1]]))
+        self.beta = beta[0]
+
+    def representation(self) -> Tensor:
+        return self.beta
+
+    def __call__(self, x):
+        raise NotImplementedError
+
+
+def captum_lime(model: nn.Module, preprocess: Preprocess, images: Tensor, segments: Tensor, target: Tensor,
+                masks: list[Tensor], fill: Tensor, params: dict, perturbations_per_eval: int) -> list[Tensor]:
+    """captum `Lime.attribute` once per image -> per-superpixel weights, float64 (K_i,) each.
+
+    images float (B, 3, S, S), segments int64 (B, S, S), target (B,), masks from `lime_masks`,
+    fill float (B, 3, S, S) the mean-colour image (captum's baseline: hidden superpixels show it).
+    """
+    from captum.attr import Lime
+    from captum.attr._core.lime import get_exp_kernel_similarity_function
+
+    score_model = ScoreModel(model, params["output"])
+    cosine = get_exp_kernel_similarity_function("cosine", kernel_width=float(params["kernel_width"]))
+    out = []
+    for i in range(len(images)):
+        def perturb(_inputs, _rows=masks[i], **kwargs):
+            yield from (row[None].long() for row in _rows)
+
+        lime = Lime(lambda x: score_model(preprocess(x)), interpretable_model=RidgeSurrogate(float(params["alpha"])),
+                    # LIME's kernel: cosine distance of the binary mask to the all-ones mask.
+                    similarity_func=lambda _x, _p, z, **kw: cosine(torch.ones_like(z), z, None),
+                    perturb_func=perturb)
+        out.append(lime.attribute(images[i:i + 1], baselines=fill[i:i + 1], target=int(target[i]),
+                                  feature_mask=segments[i][None, None], n_samples=len(masks[i]),
+                                  perturbations_per_eval=perturbations_per_eval,
+                                  return_input_shape=False).reshape(-1).double())
+    return out
