@@ -333,38 +333,43 @@ def write_report(store: Store) -> str:
     return store.uri("report/index.html")
 
 
-def gallery_items(store: Store, info: dict) -> list:
-    """A few voted images (from the first shards) with image, mask, consensus and every model's map."""
+def gallery_items(store: Store, info: dict, max_shards: int = 8) -> list:
+    """A few voted images with image, mask, consensus and every model's map: from the first
+    shards (at most `max_shards` read), one image per class before any class repeats."""
+    from ray_consensus import consensus as cm
+    from ray_consensus.config import StorageSpec
     from ray_consensus.data import decode_image
     from ray_consensus.report import GalleryItem
     from ray_consensus.storage import read_uri_bytes
-    from ray_consensus import consensus as cm
 
     spec_d = info["spec"]
     want = int(spec_d["run"]["gallery"])
     models = [m["id"] for m in spec_d["committee"]]
-    normalise = spec_d["method"]["normalise"]
     manifest = store.read_parquet(MANIFEST_FILE).to_pandas().set_index("image_id")
-    from ray_consensus.config import StorageSpec
-
     storage = StorageSpec(**{k: v for k, v in spec_d["storage"].items() if v != "***"})
-    items = []
-    for s in sorted(manifest["shard"].unique()):
-        if len(items) >= want:
-            break
+    voted = []
+    for s in sorted(manifest["shard"].unique())[:max_shards]:
         cons = store.read_parquet(f"{shard_dir('consensus', s)}/{DATA_FILE}").to_pandas()
+        voted.append(cons[cons["voted"]].assign(shard=s))
+        if sum(len(v) for v in voted) >= want and pd.concat(voted)["label"].nunique() >= want:
+            break
+    if not voted:
+        return []
+    voted = pd.concat(voted, ignore_index=True)
+    first = ~voted["label"].duplicated()
+    chosen = pd.concat([voted[first], voted[~first]]).head(want)
+    items = []
+    for s, rows in chosen.groupby("shard", sort=True):
         scores = store.read_parquet(f"{shard_dir('scores', s)}/{DATA_FILE}").to_pandas()
         attrs = {m: store.read_parquet(f"{attributions_dir(m, s)}/{DATA_FILE}",
                                        columns=["image_id", "attribution"]).to_pandas().set_index("image_id")
                  for m in models}
-        for row in cons[cons["voted"]].itertuples():
-            if len(items) >= want:
-                break
+        for row in rows.itertuples():
             side = int(row.height)
             try:
                 image = decode_image(read_uri_bytes(manifest.loc[row.image_id, "uri"], storage),
                                      int(spec_d["run"]["image_size"]))
-            except Exception:
+            except Exception:  # the image vanished since the run: show the others
                 continue
             mask = getattr(row, "mask", None)
             per_image = scores[scores["image_id"] == row.image_id].set_index("model_id")["consensus_score"]
@@ -373,7 +378,6 @@ def gallery_items(store: Store, info: dict) -> list:
                 mask=None if mask is None else np.asarray(mask, np.uint8).reshape(side, side),
                 consensus=np.asarray(row.consensus, np.float32).reshape(side, side),
                 model_maps={m: cm.normalise(np.asarray(attrs[m].loc[row.image_id, "attribution"], np.float64),
-                                            normalise).reshape(side, side) for m in models},
+                                            spec_d["method"]["normalise"]).reshape(side, side) for m in models},
                 label=int(row.label), scores={m: float(per_image.get(m, np.nan)) for m in models}))
-    return items
-
+    return sorted(items, key=lambda i: (i.label, i.image_id))
