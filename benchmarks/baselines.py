@@ -51,12 +51,9 @@ def thread_settings() -> list[int]:
     return sorted({1, DEFAULT_THREADS})
 
 
-def faster_threads(step: Callable[[], None], min_s: float = 1.0) -> tuple[int, dict[int, float]]:
-    """Time `step` at each of `thread_settings()`; return the faster count and seconds per call of each.
-
-    One warm-up call, then calls until `min_s` has passed (at least one). Leaves torch at the
-    faster count. For steps too slow to repeat (one captum call per image), probe a piece of them.
-    """
+def thread_costs(step: Callable[[], None], min_s: float = 1.0) -> dict[int, float]:
+    """Seconds per call of `step` at each of `thread_settings()` (one warm-up call, then calls until
+    `min_s` has passed, at least one). Leaves torch at its default count."""
     cost = {}
     for threads in thread_settings():
         torch.set_num_threads(threads)
@@ -66,9 +63,8 @@ def faster_threads(step: Callable[[], None], min_s: float = 1.0) -> tuple[int, d
             step()
             calls += 1
         cost[threads] = (time.perf_counter() - t0) / calls
-    best = min(cost, key=cost.get)
-    torch.set_num_threads(best)
-    return best, cost
+    torch.set_num_threads(DEFAULT_THREADS)
+    return cost
 
 
 def alternate_threads(steps: list[Callable[[], int]], time_cap_s: float, drop_ratio: float = 1.5) -> dict[int, Throughput]:

@@ -22,6 +22,7 @@ class Usage:
     peak_rss_bytes: int   # largest summed RSS of the driver + Ray workers in one sample
     peak_pss_bytes: int   # the same with shared pages split between the processes using them
     peak_processes: int   # processes summed in the sample with the largest RSS
+    peak_driver_rss_bytes: int  # the driver's share of that sample
     ours_cores: float     # mean CPU cores used by this process and all its descendants
     others_cores: float   # mean CPU cores used by every other process on the machine
     samples: int
@@ -50,7 +51,7 @@ class Monitor:
         self._me = psutil.Process(os.getpid())
         self._cpu_seen: dict[tuple[int, float], float] = {}  # (pid, create_time) -> CPU seconds at last sample
         self._ours_s = 0.0
-        self._peak = (0, 0, 0)
+        self._peak = (0, 0, 0, 0)  # RSS, PSS, processes, driver RSS
         self._samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -60,7 +61,7 @@ class Monitor:
         return t.user + t.system + getattr(t, "nice", 0.0) + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
     def _sample(self) -> None:
-        rss = pss = n = 0
+        rss = pss = n = driver = 0
         for p in [self._me] + self._me.children(recursive=True):
             try:
                 with p.oneshot():
@@ -72,12 +73,13 @@ class Monitor:
                     if p is self._me or _is_worker(p):
                         info = p.memory_full_info()  # smaps_rollup: PSS as well as RSS
                         rss, pss, n = rss + info.rss, pss + getattr(info, "pss", info.rss), n + 1
+                        driver = info.rss if p is self._me else driver
             except (self._psutil.NoSuchProcess, self._psutil.AccessDenied, self._psutil.ZombieProcess):
                 continue
         if rss > self._peak[0]:
-            self._peak = (rss, max(pss, self._peak[1]), n)
+            self._peak = (rss, max(pss, self._peak[1]), n, driver)
         else:
-            self._peak = (self._peak[0], max(pss, self._peak[1]), self._peak[2])
+            self._peak = (self._peak[0], max(pss, self._peak[1]), *self._peak[2:])
         self._samples += 1
 
     def _run(self) -> None:
@@ -98,5 +100,4 @@ class Monitor:
         self._sample()
         wall = time.perf_counter() - self._t0
         others = max(0.0, self._busy_s() - self._busy0 - self._ours_s)
-        self.usage = Usage(wall, self._peak[0], self._peak[1], self._peak[2], self._ours_s / wall, others / wall,
-                           self._samples)
+        self.usage = Usage(wall, *self._peak, self._ours_s / wall, others / wall, self._samples)

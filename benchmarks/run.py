@@ -39,10 +39,11 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # baselines, monitor; the tests' PNG image sets
 
 from baselines import (DEFAULT_THREADS, alternate_threads, captum_lime, committee_images,  # noqa: E402
-                       faster_threads, lime_masks, smoothgrad_batches, to_batch)
+                       lime_masks, smoothgrad_batches, thread_costs, to_batch)
 from imagesets import make_image_folder  # noqa: E402
 from monitor import Monitor, Usage  # noqa: E402
 
+from ray_consensus import consensus as cm  # noqa: E402
 from ray_consensus.committee import Preprocess, create_member_model, member_data_config  # noqa: E402
 from ray_consensus.config import DatasetSpec, MemberSpec, RunSpec, parse_member, parse_spec  # noqa: E402
 from ray_consensus.data import decode_image, read_manifest  # noqa: E402
@@ -79,7 +80,8 @@ def note(text: str) -> None:
 
 
 def cpu_text(u: Usage) -> str:
-    return f"CPU cores in use: ours {u.ours_cores:.2f}, other processes {u.others_cores:.2f}"
+    return (f"CPU: ours {u.ours_cores:.2f} cores ({u.ours_cores * u.wall_s:.0f} CPU-s), other processes "
+            f"{u.others_cores:.2f} cores")
 
 
 def rate_text(tp) -> str:
@@ -154,7 +156,7 @@ def image_set(work: Path, name: str, n: int, masks: bool) -> Path:
 # ---------------------------------------------------------------- figure 1
 
 def end_to_end(work: Path, scale: float) -> dict:
-    n = 4 * max(2, round(36 * scale))
+    n = 4 * max(2, round(32 * scale))
     data = image_set(work, "e2e-data", n, masks=False)
     spec = spec_for(data, work / "e2e-run", ["m=resnet10t@random"], {"n_samples": 10}, run={"shard_size": 32})
     manifest = read_manifest(spec.dataset)
@@ -165,7 +167,7 @@ def end_to_end(work: Path, scale: float) -> dict:
     batch = spec.resources.batch_size
     with Monitor() as mb:
         bare, bare_text = fastest(alternate_threads(smoothgrad_batches(model, pre, explainer, pixels, labels, batch),
-                                                    time_cap_s=90 * scale))
+                                                    time_cap_s=60 * scale))
     info, used = timed_execute(spec)
     ratio = (n / used.wall_s) / bare.per_s
     say(Figure("smoothgrad_end_to_end_vs_bare_loop", ratio, ".2f", ">= 0.85", ratio >= 0.85).line())
@@ -206,18 +208,16 @@ def lime_vs_captum(work: Path, scale: float) -> None:
         step = int(p["forward_batch"])
         score = ScoreModel(model, p["output"])
         one = images[:1].repeat(step, 1, 1, 1)
-        with torch.no_grad():  # each side at its faster thread count, probed on the forward it repeats
-            batched_threads, batched_cost = faster_threads(lambda: score(pre(one)))
-            single_threads, single_cost = faster_threads(lambda: score(pre(one[:1])))
-        torch.set_num_threads(batched_threads)
+        with torch.no_grad():  # what one forward costs, batched and per perturbation, at each thread count
+            probe = {f"batch {step}": {t: c / step for t, c in thread_costs(lambda: score(pre(one))).items()},
+                     "batch 1": thread_costs(lambda: score(pre(one[:1])))}
+        torch.set_num_threads(1)
         lime.explain(model, pre, images[:1], target[:1], segments[:1])  # warm-up
         t0 = time.perf_counter()
         ours = lime.explain(model, pre, images, target, segments)["superpixel_weights"].double()
-        out = {"ours": time.perf_counter() - t0, "size": pre.size[0], "step": step, "batched_threads": batched_threads,
-               "single_threads": single_threads, "probe": (single_cost, batched_cost)}
+        out = {"ours": time.perf_counter() - t0, "size": pre.size[0], "step": step, "probe": probe}
         weights = []
-        for key, per_eval, threads in (("naive", 1, single_threads), ("batched", step, batched_threads)):
-            torch.set_num_threads(threads)
+        for key, per_eval in (("naive", 1), ("batched", step)):
             t0 = time.perf_counter()
             weights.append(captum_lime(model, pre, images, segments, target, masks, fill, p, per_eval))
             out[key] = time.perf_counter() - t0
@@ -237,16 +237,16 @@ def lime_vs_captum(work: Path, scale: float) -> None:
     say(Figure("lime_batched_vs_captum_per_image_64px_input_reference", small["naive"] / small["ours"], ".1f").line())
     note(f"{n_images} image(s) {size} px, SLIC ({p['n_segments']} segments), {arch} (random init), "
          f"{p['n_samples']} samples, mean-colour fill, cosine kernel, weighted ridge, logit output; the same masks "
-         f"on both sides")
+         f"on both sides; 1 torch thread on both sides (what each Ray actor gets here; a batch-1 forward with 2 "
+         f"threads stalls whenever another process holds a core)")
     for name, r in (("headline: model input 224 px (timm's, as the product runs it)", head),
                     (f"reference: model input {size} px (pretrained_cfg_overlay)", small)):
-        single, batched = r["probe"]
-        note(f"{name}: ours (forward_batch {r['step']}, {r['batched_threads']} thr) {r['ours']:.1f} s; captum "
-             f"perturbations_per_eval=1 ({r['single_threads']} thr) {r['naive']:.1f} s; perturbations_per_eval="
-             f"{r['step']} ({r['batched_threads']} thr) {r['batched']:.1f} s; forward probe: batch 1 "
-             + ", ".join(f"{t} thr {c * 1e3:.1f} ms" for t, c in single.items()) + f", batch {r['step']} "
-             + ", ".join(f"{t} thr {c * 1e3 / r['step']:.2f} ms/img" for t, c in batched.items())
-             + f"; max |ours - captum| {r['diff']:.1e} (largest weight {r['largest']:.1e})")
+        note(f"{name}: ours (forward_batch {r['step']}) {r['ours']:.1f} s; captum Lime per image, "
+             f"perturbations_per_eval=1 {r['naive']:.1f} s, ={r['step']} {r['batched']:.1f} s; max |ours - captum| "
+             f"{r['diff']:.1e} (largest weight {r['largest']:.1e})")
+        note("  forward cost per image: " + "; ".join(
+            f"{shape}: " + ", ".join(f"{t} thr {c * 1e3:.2f} ms" for t, c in costs.items())
+            for shape, costs in r["probe"].items()))
 
 
 # ---------------------------------------------------------------- figure 3
@@ -265,7 +265,7 @@ def committee_vs_sequential(work: Path, scale: float) -> tuple[dict, RunSpec]:
     steps = committee_images(list(manifest.table["uri"]), list(manifest.table["label"]), models, explainer,
                              spec.run.image_size, spec.run.map_size)
     with Monitor() as ms:
-        seq, seq_text = fastest(alternate_threads(steps, time_cap_s=45 * scale))
+        seq, seq_text = fastest(alternate_threads(steps, time_cap_s=40 * scale))
     info, used = timed_execute(spec)
     ratio = (n / used.wall_s) / seq.per_s
     say(Figure("committee_pipeline_vs_sequential_loop", ratio, ".2f", ">= 3", ratio >= 3).line())
@@ -299,8 +299,11 @@ def memory_growth(work: Path, scale: float) -> tuple[RunSpec, dict]:
     note(f"committee {', '.join(MEMORY_COMMITTEE)}, SmoothGrad n_samples=2, shard_size 16, masks; peak of the summed "
          f"RSS of the driver + Ray worker processes, sampled every 0.1 s during execute()")
     for count, (_, _, u) in runs.items():
-        note(f"{count} images: peak RSS {u.peak_rss_bytes / 2**20:.0f} MiB over {u.peak_processes} processes (PSS "
-             f"{u.peak_pss_bytes / 2**20:.0f} MiB), {u.wall_s:.1f} s, {u.samples} samples")
+        note(f"{count} images: peak RSS {u.peak_rss_bytes / 2**20:.0f} MiB over {u.peak_processes} processes (driver "
+             f"{u.peak_driver_rss_bytes / 2**20:.0f} MiB; peak PSS {u.peak_pss_bytes / 2**20:.0f} MiB), {u.wall_s:.1f} s "
+             f"wall, {u.samples} samples")
+    note(f"peak PSS growth (shared pages counted once): {big.peak_pss_bytes / small.peak_pss_bytes - 1:.1%}; run first, "
+         f"so the driver holds no benchmark models yet, as in a real `ray-consensus run` process")
     return runs[n][0], runs[n][1]
 
 
@@ -348,29 +351,39 @@ def storage(work: Path, committee: tuple[dict, RunSpec], memory_run: tuple[RunSp
 
     # float16 vs float32: attributions are seeded per unit, so only the stored type differs.
     base, base_info = memory_run
-    pairs = {"probability": (base, variant(base, work / "f16-probability", run={"map_dtype": "float16"}))}
-    logit32 = variant(base, work / "f32-logit", params={"output": "logit"})
-    pairs["logit"] = (logit32, variant(logit32, work / "f16-logit", run={"map_dtype": "float16"}))
-    errors, sizes = {}, {}
-    for output, (s32, s16) in pairs.items():
-        for s in (s32, s16):
-            if not (Path(s.run.output) / "run.json").exists():
-                execute(s, progress=False)
-        a, b = scores(s32.run.output), scores(s16.run.output)
-        errors[output] = max(abs(a[k] - b[k]) for k in a)
-        sizes[output] = (attribution_bytes(s16.run.output) / len(a), attribution_bytes(s32.run.output) / len(a))
-        magnitude = pq.read_table(str(Path(s32.run.output) / "attributions"), columns=["attribution"])
-        sizes[output] += (float(np.median(np.abs(magnitude.column("attribution").combine_chunks().flatten()
-                                                  .to_numpy()))),)
-    err = errors["probability"]
+    half = variant(base, work / "f16-run", run={"map_dtype": "float16"})
+    execute(half, progress=False)
+    a, b = scores(base.run.output), scores(half.run.output)
+    err = max(abs(a[k] - b[k]) for k in a)
     say(Figure("float16_consensus_score_error", err, ".1e", "< 1e-3", err < 1e-3).line())
-    say(Figure("float16_consensus_score_error_logit_reference", errors["logit"], ".1e").line())
-    note(f"figure 4's {base_info['counts']['images']}-image run (product defaults: gradient of the class "
-         f"probability) and the same with output: logit, each rerun with run.map_dtype float16; max |score16 - "
-         f"score32| over every (image, model)")
-    for output, (b16, b32, med) in sizes.items():
-        note(f"{output}: median |attribution| {med:.1e} (float16: smallest normal 6.1e-5, subnormals to 6.0e-8); "
-             f"{b16:.0f} bytes per image-model in float16 vs {b32:.0f} in float32")
+    maps = stored_maps(base.run.output, [m.id for m in base.committee])
+    plain, scaled = float16_error(maps, scaled=False), float16_error(maps, scaled=True)
+    say(Figure("float16_consensus_score_error_scaled_per_map_reference", scaled, ".1e").line())
+    note(f"figure 4's {base_info['counts']['images']}-image run (product defaults) rerun with run.map_dtype float16; "
+         f"max |score16 - score32| over {len(a)} (image, model) scores; {attribution_bytes(half.run.output) / len(a):.0f} "
+         f"bytes per image-model in float16 vs {attribution_bytes(base.run.output) / len(a):.0f} in float32")
+    note(f"cause: median |attribution| {np.median(np.abs(maps)):.1e} (float16: smallest normal 6.1e-5, subnormals to "
+         f"6.0e-8); recomputed here from the float32 maps: plain float16 cast {plain:.1e} (as measured), each map "
+         f"divided by its max |value| before the cast {scaled:.1e} (the reference line)")
+
+
+def stored_maps(root: str, model_ids: list[str]) -> np.ndarray:
+    """Stored attributions, float64 (K models, N images, P pixels), images in one order for all models."""
+    t = pq.read_table(str(Path(root) / "attributions"), columns=["image_id", "model", "attribution"]).to_pandas()
+    t = t.sort_values("image_id")
+    return np.stack([np.stack(t[t["model"] == m]["attribution"].to_numpy()).astype(np.float64) for m in model_ids])
+
+
+def float16_error(maps: np.ndarray, scaled: bool) -> float:
+    """Max |consensus score from float32 maps - from float16 maps| with the default method
+    (abs_l2 normalisation, mean vote, cosine); `scaled`: each map divided by its max |value| first."""
+    def consensus_scores(m: np.ndarray) -> np.ndarray:
+        norm = cm.normalise(m, "abs_l2")
+        return cm.similarity(norm, cm.vote(norm, "mean")[None], "cosine")
+
+    peak = np.abs(maps).max(axis=-1, keepdims=True) if scaled else np.ones(maps.shape[:-1] + (1,))
+    half = (maps / np.where(peak > 0, peak, 1)).astype(np.float16).astype(np.float64)
+    return float(np.abs(consensus_scores(maps) - consensus_scores(half)).max())
 
 
 # ---------------------------------------------------------------- main
@@ -387,8 +400,9 @@ def header(scale: float) -> None:
         f"{platform.python_version()}, torch {torch.__version__} ({DEFAULT_THREADS} threads by default), "
         f"timm {timm.__version__}, captum {captum.__version__}, ray {ray.__version__}")
     say("# Ray: ray.init(address='local', num_cpus=2) once, before any timing; a pipeline time is the wall time of "
-        "execute() and includes actor start-up. Baselines run in this process, warm, each at its faster torch "
-        "thread count (1 or the default; both reported). 'other processes' = CPU used meanwhile by anything not ours.")
+        "execute() and includes actor start-up. Baselines run in this process, warm: the loops of figures 1 and 3 "
+        "at 1 torch thread and at the default, interleaved, the faster counting; figure 2 at 1 thread on both sides. "
+        "'other processes': CPU used meanwhile by anything not started by this benchmark.")
     say("# compares: 1 end to end (PNG -> execute(), 1 member -> Parquet) vs the same explainer in a bare batched "
         "loop on pre-decoded images | 2 batched LIME vs captum Lime per image (same masks, fill, kernel, surrogate) | "
         "3 committee pipeline vs a sequential per-image loop | 4 peak memory, 10x the images | 5 reducer time / "
@@ -410,10 +424,10 @@ def main(argv=None) -> int:
     header(args.scale)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
+        memory_run = memory_growth(work, args.scale)  # first: the driver holds nothing of the benchmark's own yet
         e2e_info = end_to_end(work, args.scale)
         lime_vs_captum(work, args.scale)
         committee = committee_vs_sequential(work, args.scale)
-        memory_run = memory_growth(work, args.scale)
         reducer_share(committee, {"figure 1's run": e2e_info, "figure 4's N-image run": memory_run[1]})
         storage(work, committee, memory_run)
     finally:

@@ -20,7 +20,6 @@ so a second call returns at once.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -30,7 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import skimage.data
@@ -390,6 +389,11 @@ def train_committee(
     hashes the recipe, the data set fingerprint, ``seed`` and :data:`RECIPE_VERSION`, so a
     member whose files exist is not trained again.
 
+    Training runs on CPU with torch's thread setting (``torch.set_num_threads`` or
+    ``OMP_NUM_THREADS``; by default one thread per core). About 3 minutes on 2 idle cores
+    for :data:`DEMO_COMMITTEE`; on an oversubscribed machine use one thread, as torch's
+    OpenMP threads slow down many times over when they must wait for each other.
+
     Returns:
         One dict per member: ``{"id", "arch", "weights" (absolute path), "kwargs"
         (create_model kwargs), "num_classes"}``.
@@ -441,20 +445,6 @@ def _create_member(recipe: MemberRecipe, num_classes: int) -> torch.nn.Module:
     )
 
 
-@contextlib.contextmanager
-def _torch_threads() -> Iterator[None]:
-    """Use every core this process may run on, then restore torch's setting."""
-    before = torch.get_num_threads()
-    if hasattr(os, "sched_getaffinity"):
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
-    else:
-        torch.set_num_threads(os.cpu_count() or 1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _load_split(
     model: torch.nn.Module, root: Path, split: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -490,33 +480,32 @@ def _train(recipe: MemberRecipe, root: Path, num_classes: int, seed: int) -> tor
     member_seed = int(_cache_key({"id": recipe.id, "seed": seed}), 16) % 2**31
     torch.manual_seed(member_seed)
     generator = torch.Generator().manual_seed(member_seed)
-    with _torch_threads():
-        model = _create_member(recipe, num_classes)
-        x, y = _load_split(model, root, "train")
-        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.05)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, recipe.lr, total_steps=recipe.steps, pct_start=0.15
-        )
-        model.train()
-        order = torch.randperm(len(y), generator=generator)
-        cursor = 0
-        for _ in range(recipe.steps):
-            if cursor + recipe.batch_size > len(order):
-                order, cursor = torch.randperm(len(y), generator=generator), 0
-            batch = order[cursor : cursor + recipe.batch_size]
-            cursor += recipe.batch_size
-            logits = model(_augment(x[batch], generator))
-            loss = F.cross_entropy(logits, y[batch], label_smoothing=0.1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    model = _create_member(recipe, num_classes)
+    x, y = _load_split(model, root, "train")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, recipe.lr, total_steps=recipe.steps, pct_start=0.15
+    )
+    model.train()
+    order = torch.randperm(len(y), generator=generator)
+    cursor = 0
+    for _ in range(recipe.steps):
+        if cursor + recipe.batch_size > len(order):
+            order, cursor = torch.randperm(len(y), generator=generator), 0
+        batch = order[cursor : cursor + recipe.batch_size]
+        cursor += recipe.batch_size
+        logits = model(_augment(x[batch], generator))
+        loss = F.cross_entropy(logits, y[batch], label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
     return model.eval()
 
 
 def _accuracy(model: torch.nn.Module, root: Path, split: str) -> float:
     """Top-1 accuracy of ``model`` on ``root/<split>``, a float in [0, 1]."""
-    with _torch_threads(), torch.inference_mode():
+    with torch.inference_mode():
         x, y = _load_split(model, root, split)
         predictions = torch.cat([model(chunk).argmax(1) for chunk in x.split(256)])
     return float((predictions == y).float().mean())

@@ -43,8 +43,15 @@ def _files(root):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    root, committee = _ensure_tiny_demo(cache)
+    # One thread: the tiny models gain nothing from more, and a busy CI box slows
+    # waiting OpenMP threads down many times over.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cache = tmp_path_factory.mktemp("cache")
+        root, committee = _ensure_tiny_demo(cache)
+    finally:
+        torch.set_num_threads(threads)
     return cache, root, committee
 
 

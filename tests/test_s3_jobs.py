@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import boto3
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -118,8 +119,45 @@ def test_job_submit_into_s3_then_grow(tmp_path, s3_server, s3_bucket, ray_head):
     assert s3_server.secret_access_key not in proc.stdout + proc.stderr
 
 
+@pytest.fixture(scope="module")
+def checking_s3(monkeypatch_module):
+    """A second moto server that checks signatures, with an IAM user whose keys it knows.
+
+    moto accepts any key unless authentication is on; INITIAL_NO_AUTH_ACTION_COUNT lets the
+    first requests (creating the user and its key) through, and checks every later one.
+    """
+    from s3server import S3Server
+
+    monkeypatch_module.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "4")
+    server = S3Server()
+    server.start()
+    monkeypatch_module.delenv("INITIAL_NO_AUTH_ACTION_COUNT")
+    iam = boto3.client(
+        "iam", endpoint_url=server.endpoint_url, region_name=server.region, aws_access_key_id="bootstrap",
+        aws_secret_access_key="bootstrap")
+    iam.create_user(UserName="runner")
+    iam.put_user_policy(UserName="runner", PolicyName="all", PolicyDocument=json.dumps(
+        {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName="runner")["AccessKey"]
+    server.access_key_id, server.secret_access_key = key["AccessKeyId"], key["SecretAccessKey"]
+    server.make_bucket("checked-bucket")
+    server.client().put_object(Bucket="checked-bucket", Key="probe", Body=b"")  # the right keys do work
+    with pytest.raises(Exception, match="403|Forbidden|SignatureDoesNotMatch"):
+        boto3.client("s3", endpoint_url=server.endpoint_url, region_name=server.region,
+                     aws_access_key_id=server.access_key_id, aws_secret_access_key="wrong"
+                     ).put_object(Bucket="checked-bucket", Key="probe", Body=b"")
+    yield server
+    server.stop(keep_state=False)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
 @pytest.mark.parametrize("case", ["endpoint", "secret", "bucket"])
-def test_bad_s3_settings_fail_fast_with_one_line(tmp_path, s3_server, s3_bucket, case):
+def test_bad_s3_settings_fail_fast_with_one_line(tmp_path, s3_server, s3_bucket, checking_s3, case):
     data = make_image_folder(tmp_path / "ds", n_classes=2, per_class=2, masks=False)
     env = {**os.environ, **s3_server.env()}
     output = f"{s3_bucket}/run"
@@ -127,7 +165,8 @@ def test_bad_s3_settings_fail_fast_with_one_line(tmp_path, s3_server, s3_bucket,
         env["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL_S3"] = f"http://127.0.0.1:{free_port()}"
         expect = "cannot reach the S3 endpoint"
     elif case == "secret":
-        env["AWS_SECRET_ACCESS_KEY"] = "wrong-secret"
+        env = {**os.environ, **checking_s3.env(), "AWS_SECRET_ACCESS_KEY": "wrong-secret"}
+        output = "s3://checked-bucket/run"
         expect = "denied"
     else:
         output = "s3://no-such-bucket-here/run"
