@@ -43,6 +43,7 @@ def ray_head(s3_server, tmp_path_factory):
     dash = free_port()
     subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--port", str(free_port()),
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+                    "--dashboard-agent-listen-port", str(free_port()),  # not the default another Ray may hold
                     "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
     try:
         yield f"http://127.0.0.1:{dash}", env
@@ -53,7 +54,12 @@ def ray_head(s3_server, tmp_path_factory):
 def submit(address: str, env: dict, *args: str) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
            "python", "-m", "ray_consensus", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    for _ in range(30):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in proc.stderr:  # the head's job agent is still starting
+            return proc
+        time.sleep(2)
+    return proc
 
 
 def test_job_submit_into_s3_then_grow(tmp_path, s3_server, s3_bucket, ray_head):
