@@ -8,8 +8,8 @@
   fill, kernel and ridge surrogate of `ray_consensus.lime` (figure 2's denominator).
 
 The two loops are lists of steps (a batch, an image) for `alternate_threads`, which times them
-at 1 torch thread and at torch's default, interleaved, and may stop at a time cap between
-steps: every image costs the same here, so the throughput of the images done is the loop's
+at 1 torch thread and at torch's default, interleaved, and stops at a time cap between steps:
+every image costs the same here, so the throughput of the images done is the loop's
 throughput, and a slow baseline cannot blow the benchmark's time budget.
 """
 
@@ -23,6 +23,8 @@ from typing import Callable
 import numpy as np
 import torch
 from captum._utils.models.model import Model
+from captum.attr import Lime
+from captum.attr._core.lime import get_exp_kernel_similarity_function
 from torch import Tensor, nn
 
 from ray_consensus import consensus as cm
@@ -67,29 +69,25 @@ def thread_costs(step: Callable[[], None], min_s: float = 1.0) -> dict[int, floa
     return cost
 
 
-def alternate_threads(steps: list[Callable[[], int]], time_cap_s: float, drop_ratio: float = 1.5) -> dict[int, Throughput]:
-    """Run `steps` in order (each processes some images and returns how many), alternating the
-    torch thread count between `thread_settings()`; return each count's throughput.
+def alternate_threads(steps: list[Callable[[], int]], time_cap_s: float) -> dict[int, Throughput]:
+    """Run `steps` in order (each processes some images and returns how many), each at the torch
+    thread count of `thread_settings()` that has run for the least time so far; return each
+    count's throughput.
 
-    Alternating step by step exposes both counts to the same machine load. Once every count has
-    run a step, a count slower than the fastest by `drop_ratio` is dropped, so a pathological
-    setting costs one step, not half the loop. `steps[0]` is run once untimed first (warm-up).
-    Stops at `time_cap_s` (between steps). Leaves torch at its default count.
+    Interleaving exposes every count to the same machine load, and sharing the time equally (not
+    the steps) keeps a count that stalls (2 threads at batch 1 while another process holds a
+    core) from eating the budget, without judging it on one step. `steps[0]` is run once untimed
+    first (warm-up). Stops at `time_cap_s` (between steps). Leaves torch at its default count.
     """
-    active = thread_settings()
-    done, spent = dict.fromkeys(active, 0), dict.fromkeys(active, 0.0)
+    done, spent = dict.fromkeys(thread_settings(), 0), dict.fromkeys(thread_settings(), 0.0)
     steps[0]()
-    t_start = time.perf_counter()
-    for i, step in enumerate(steps):
-        threads = active[i % len(active)]
+    for step in steps:
+        threads = min(spent, key=spent.get)
         torch.set_num_threads(threads)
         t0 = time.perf_counter()
         done[threads] += step()
         spent[threads] += time.perf_counter() - t0
-        if len(active) > 1 and all(done[t] for t in active):
-            rate = {t: done[t] / spent[t] for t in active}
-            active = [t for t in active if rate[t] * drop_ratio >= max(rate.values())]
-        if time.perf_counter() - t_start > time_cap_s:
+        if sum(spent.values()) > time_cap_s:
             break
     torch.set_num_threads(DEFAULT_THREADS)
     return {t: Throughput(done[t], spent[t], t) for t in done if done[t]}
@@ -182,9 +180,6 @@ def captum_lime(model: nn.Module, preprocess: Preprocess, images: Tensor, segmen
     images float (B, 3, S, S), segments int64 (B, S, S), target (B,), masks from `lime_masks`,
     fill float (B, 3, S, S) the mean-colour image (captum's baseline: hidden superpixels show it).
     """
-    from captum.attr import Lime
-    from captum.attr._core.lime import get_exp_kernel_similarity_function
-
     score_model = ScoreModel(model, params["output"])
     cosine = get_exp_kernel_similarity_function("cosine", kernel_width=float(params["kernel_width"]))
     out = []

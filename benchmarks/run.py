@@ -8,11 +8,11 @@ Exits 0 whether or not targets are met. Ray is started once, before any timing
 (`ray.init(address="local", num_cpus=2)`): starting Ray is a per-process cost, not a per-run one.
 Actor start-up is a per-run cost and is inside every pipeline time below.
 
-Figures (see benchmarks/README.md):
+Figures (see benchmarks/README.md); lines ending in `_reference` carry no target:
 1. smoothgrad_end_to_end_vs_bare_loop      PNG files -> execute() -> Parquet, vs the explainer in a bare loop
 2. lime_batched_vs_captum_per_image        our batched LIME vs captum's Lime, one call per image
 3. committee_pipeline_vs_sequential_loop   the committee pipeline vs decode/explain/vote image by image
-4. peak_memory_growth_10x_images           peak RSS (driver + Ray workers), N vs 10N images
+4. peak_memory_growth_10x_images           peak RSS (driver + Ray workers), N vs 10N images (measured first)
 5. reducer_share_of_attribution            reduce_s / attributions_s from run.json
 6. bytes_per_image_model, float16_consensus_score_error
 """
@@ -145,11 +145,12 @@ def actor_threads(spec: RunSpec) -> tuple[float, int]:
     from ray_consensus.pipeline import actor_cpus
 
     cpus = actor_cpus(spec, len(spec.committee), ray.cluster_resources())
-    return cpus, max(int(cpus), 1)  # Ray sets OMP_NUM_THREADS = max(floor(CPUs), 1) in each worker
+    # Workers inherit OMP_NUM_THREADS from this process; unset, Ray sets it to max(floor(CPUs), 1).
+    return cpus, int(os.environ.get("OMP_NUM_THREADS", max(int(cpus), 1)))
 
 
 def image_set(work: Path, name: str, n: int, masks: bool) -> Path:
-    """n PNG photos-sized images in 4 classes (n a multiple of 4)."""
+    """n photo-sized PNG images in 4 classes (n a multiple of 4)."""
     return make_image_folder(work / name, n_classes=4, per_class=n // 4, size=PHOTO, masks=masks)
 
 
@@ -199,7 +200,7 @@ def lime_vs_captum(work: Path, scale: float) -> None:
     segments = torch.from_numpy(np.stack([segment(x, p["segmentation"], p["n_segments"], p["compactness"],
                                                   seed=p["seed"]) for x in rgb])).long()
     images = to_batch(rgb)
-    target = torch.from_numpy(manifest.table["label"].to_numpy(np.int64))
+    target = torch.tensor(manifest.table["label"].to_numpy(np.int64))
     masks = lime_masks(images, segments, int(p["n_samples"]), float(p["p_keep"]), int(p["seed"]))
     fill = fill_with_mean_colours(images, segments, int(segments.max()) + 1)
 
@@ -299,11 +300,11 @@ def memory_growth(work: Path, scale: float) -> tuple[RunSpec, dict]:
     note(f"committee {', '.join(MEMORY_COMMITTEE)}, SmoothGrad n_samples=2, shard_size 16, masks; peak of the summed "
          f"RSS of the driver + Ray worker processes, sampled every 0.1 s during execute()")
     for count, (_, _, u) in runs.items():
-        note(f"{count} images: peak RSS {u.peak_rss_bytes / 2**20:.0f} MiB over {u.peak_processes} processes (driver "
-             f"{u.peak_driver_rss_bytes / 2**20:.0f} MiB; peak PSS {u.peak_pss_bytes / 2**20:.0f} MiB), {u.wall_s:.1f} s "
-             f"wall, {u.samples} samples")
-    note(f"peak PSS growth (shared pages counted once): {big.peak_pss_bytes / small.peak_pss_bytes - 1:.1%}; run first, "
-         f"so the driver holds no benchmark models yet, as in a real `ray-consensus run` process")
+        note(f"{count} images: peak RSS {u.peak_rss_bytes / 2**20:.0f} MiB over {u.peak_processes} processes "
+             f"(driver {u.peak_driver_rss_bytes / 2**20:.0f} MiB; peak PSS {u.peak_pss_bytes / 2**20:.0f} MiB), "
+             f"{u.wall_s:.1f} s wall, {u.samples} samples")
+    note(f"peak PSS growth (shared pages counted once): {big.peak_pss_bytes / small.peak_pss_bytes - 1:.1%}; run "
+         f"first, so the driver holds no benchmark models yet, as in a real `ray-consensus run` process")
     return runs[n][0], runs[n][1]
 
 
@@ -359,9 +360,10 @@ def storage(work: Path, committee: tuple[dict, RunSpec], memory_run: tuple[RunSp
     maps = stored_maps(base.run.output, [m.id for m in base.committee])
     plain, scaled = float16_error(maps, scaled=False), float16_error(maps, scaled=True)
     say(Figure("float16_consensus_score_error_scaled_per_map_reference", scaled, ".1e").line())
-    note(f"figure 4's {base_info['counts']['images']}-image run (product defaults) rerun with run.map_dtype float16; "
-         f"max |score16 - score32| over {len(a)} (image, model) scores; {attribution_bytes(half.run.output) / len(a):.0f} "
-         f"bytes per image-model in float16 vs {attribution_bytes(base.run.output) / len(a):.0f} in float32")
+    note(f"figure 4's {base_info['counts']['images']}-image run (product defaults) rerun with run.map_dtype "
+         f"float16; max |score16 - score32| over {len(a)} (image, model) scores; "
+         f"{attribution_bytes(half.run.output) / len(a):.0f} bytes per image-model in float16 vs "
+         f"{attribution_bytes(base.run.output) / len(a):.0f} in float32")
     note(f"cause: median |attribution| {np.median(np.abs(maps)):.1e} (float16: smallest normal 6.1e-5, subnormals to "
          f"6.0e-8); recomputed here from the float32 maps: plain float16 cast {plain:.1e} (as measured), each map "
          f"divided by its max |value| before the cast {scaled:.1e} (the reference line)")

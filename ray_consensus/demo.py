@@ -411,7 +411,8 @@ def train_committee(
         sidecar = weights.with_suffix(".json")
         if not sidecar.exists():
             started = time.perf_counter()
-            model = _train(recipe, dataset_root, num_classes, seed)
+            with torch.random.fork_rng(devices=[]):
+                model = _train(recipe, dataset_root, num_classes, seed)
             accuracy = _accuracy(model, dataset_root, "images")
             _save_member(model, weights, recipe, num_classes, description, accuracy)
             if progress:
@@ -453,33 +454,34 @@ def _load_split(
     Returns ``(x, y)``: float32 ``(N, 3, S, S)`` normalised as timm resolves for ``model``,
     and int64 ``(N,)`` labels.
     """
-    import timm.data
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
     paths, labels = _labelled_files(root, split)
     x = torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
     return x, torch.tensor(labels, dtype=torch.int64)
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _augment(x: torch.Tensor) -> torch.Tensor:
     """Random horizontal flips and shifts of up to 1/8 of the side (reflect-padded).
 
     ``x``: float32 ``(B, 3, S, S)``; returns the same shape.
     """
     size = x.shape[-1]
     pad = max(1, size // 8)
-    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    flip = torch.rand(x.shape[0]) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-    offsets = torch.randint(0, 2 * pad + 1, (x.shape[0], 2), generator=generator).tolist()
+    offsets = torch.randint(0, 2 * pad + 1, (x.shape[0], 2)).tolist()
     crops = [padded[i, :, dy : dy + size, dx : dx + size] for i, (dy, dx) in enumerate(offsets)]
     return torch.stack(crops)
 
 
 def _train(recipe: MemberRecipe, root: Path, num_classes: int, seed: int) -> torch.nn.Module:
-    """Train a fresh member on ``root/train``; returns the model in eval mode."""
-    member_seed = int(_cache_key({"id": recipe.id, "seed": seed}), 16) % 2**31
-    torch.manual_seed(member_seed)
-    generator = torch.Generator().manual_seed(member_seed)
+    """Train a fresh member on ``root/train``; returns the model in eval mode.
+
+    Seeds torch's global RNG (weight init, batch order, augmentation, any dropout), so callers
+    run it inside ``torch.random.fork_rng``.
+    """
+    torch.manual_seed(int(_cache_key({"id": recipe.id, "seed": seed}), 16) % 2**31)
     model = _create_member(recipe, num_classes)
     x, y = _load_split(model, root, "train")
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.05)
@@ -487,14 +489,14 @@ def _train(recipe: MemberRecipe, root: Path, num_classes: int, seed: int) -> tor
         optimizer, recipe.lr, total_steps=recipe.steps, pct_start=0.15
     )
     model.train()
-    order = torch.randperm(len(y), generator=generator)
+    order = torch.randperm(len(y))
     cursor = 0
     for _ in range(recipe.steps):
         if cursor + recipe.batch_size > len(order):
-            order, cursor = torch.randperm(len(y), generator=generator), 0
+            order, cursor = torch.randperm(len(y)), 0
         batch = order[cursor : cursor + recipe.batch_size]
         cursor += recipe.batch_size
-        logits = model(_augment(x[batch], generator))
+        logits = model(_augment(x[batch]))
         loss = F.cross_entropy(logits, y[batch], label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -43,6 +43,7 @@ class StageContext:
     spec: RunSpec
     num_classes: int
     store: Store
+    torch_threads: int = 1
 
 
 # ---------------------------------------------------------------- decode (CPU)
@@ -160,6 +161,8 @@ class ExplainShard:
             p.requires_grad_(False)  # gradients w.r.t. inputs only
         self.explainer = EXPLAINERS[spec.explainer.name](**spec.explainer.params)
         self.batch_size = member.batch_size or spec.resources.batch_size
+        if self.device.type == "cpu":  # Ray sets one thread for a fractional CPU; use the actor's share
+            torch.set_num_threads(ctx.torch_threads)
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.resources.autocast)
 
     def __call__(self, batch: dict) -> dict:
@@ -219,7 +222,6 @@ class ExplainShard:
         labels = np.array([int(i["label"]) for i in images], dtype=np.int64)
         pred = np.concatenate(preds) if preds else np.zeros(0, np.int64)
         flat = (np.concatenate(maps) if maps else np.zeros((0, m, m), np.float32)).reshape(len(images), m * m)
-        value_type = pa.float16() if spec.run.map_dtype == "float16" else pa.float32()
         columns = {
             "image_id": pa.array([i["image_id"] for i in images], pa.string()),
             "label": pa.array(labels),
@@ -227,8 +229,16 @@ class ExplainShard:
             "correct": pa.array(pred == labels),
             "height": pa.array(np.full(len(images), m, np.int64)),
             "width": pa.array(np.full(len(images), m, np.int64)),
-            "attribution": _list_column(flat.astype(np.float16 if value_type == pa.float16() else np.float32)),
         }
+        if spec.run.map_dtype == "float16":
+            # Raw maps sit far below float16's normal range (gradients ~1e-7): store each map scaled
+            # to max |m| = 1 with its scale beside it, so attribution_scale * attribution is the map.
+            scale = np.abs(flat).max(axis=1)
+            scale[scale == 0] = 1.0
+            columns["attribution"] = _list_column((flat / scale[:, None]).astype(np.float16))
+            columns["attribution_scale"] = pa.array(scale.astype(np.float32))
+        else:
+            columns["attribution"] = _list_column(flat.astype(np.float32))
         for key, parts in extras.items():  # per-image vectors, NaN-padded per batch (e.g. superpixel weights)
             rows = [row[~np.isnan(row)] for part in parts for row in part.reshape(len(part), -1)]
             columns[key] = pa.array([r.astype(np.float32) for r in rows], pa.list_(pa.float32()))
@@ -318,7 +328,9 @@ def run_attributions(ctx: StageContext, tasks: list[ShardTask], progress=None) -
     items = [{"task": json.dumps(dataclasses.asdict(t))} for t in tasks]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     needed = [m.id for m in spec.committee if any(m.id in t.models for t in tasks)]
-    cpus = actor_cpus(spec, len(needed), ray.cluster_resources())
+    cluster = ray.cluster_resources()
+    cpus = actor_cpus(spec, len(needed), cluster)
+    ctx.torch_threads = max(1, int(cluster.get("CPU", 1) // max(1, len(needed) * spec.resources.actors_per_model)))
     ds = ds.map_batches(decode_shards, fn_args=(ctx,), batch_size=1, num_cpus=min(1.0, cpus))
     for model_id in needed:
         ds = ds.map_batches(ExplainShard, fn_constructor_args=(ctx, model_id), batch_size=1,

@@ -44,6 +44,14 @@ def _list_to_array(column: pa.ChunkedArray, width: int | None = None) -> np.ndar
     return flat.reshape(n, width if width is not None else (len(flat) // n if n else 0))
 
 
+def stored_maps(table: pa.Table, pixels: int) -> np.ndarray:
+    """An attributions table's maps as (N, P) float64 (float16 storage: times attribution_scale)."""
+    maps = _list_to_array(table.column("attribution"), pixels).astype(np.float64)
+    if "attribution_scale" in table.column_names:
+        maps *= table.column("attribution_scale").to_numpy()[:, None]
+    return maps
+
+
 def load_shard(store: Store, shard: int, model_ids: list[str]) -> ShardMaps:
     inputs = store.read_parquet(f"{shard_dir('inputs', shard)}/{DATA_FILE}")
     ids = inputs.column("image_id").to_pylist()
@@ -55,7 +63,7 @@ def load_shard(store: Store, shard: int, model_ids: list[str]) -> ShardMaps:
         tables.append(t)
     n = len(ids)
     side = int(tables[0].column("height")[0].as_py()) if n else 0
-    maps = np.stack([_list_to_array(t.column("attribution"), side * side) for t in tables]).astype(np.float64)
+    maps = np.stack([stored_maps(t, side * side) for t in tables])
     weights = None
     if n and "superpixel_weights" in tables[0].column_names:
         rows = [t.column("superpixel_weights").to_pylist() for t in tables]

@@ -28,6 +28,10 @@ import pyarrow.parquet as pq
 from ray_consensus.config import SpecError, StorageSpec
 
 
+# Dictionary encoding bloats float maps (~19 KB vs 12.5 KB raw for 56x56 float32); zstd shrinks them.
+PARQUET_OPTIONS = {"use_dictionary": False, "compression": "zstd"}
+
+
 class StorageError(RuntimeError):
     """A storage problem the user must fix (endpoint, keys, bucket); one-line message."""
 
@@ -198,7 +202,7 @@ class LocalStore(Store):
             raise
 
     def write_parquet(self, rel, table):
-        self._atomic(rel, lambda tmp: pq.write_table(table, tmp))
+        self._atomic(rel, lambda tmp: pq.write_table(table, tmp, **PARQUET_OPTIONS))
 
     def read_parquet(self, rel, columns=None):
         return pq.read_table(self._path(rel), columns=columns)
@@ -264,7 +268,7 @@ class S3Store(Store):
 
     def write_parquet(self, rel, table):
         # One PUT per file: S3 objects appear whole or not at all.
-        pq.write_table(table, f"{self.bucket}/{self._key(rel)}", filesystem=self.fs)
+        pq.write_table(table, f"{self.bucket}/{self._key(rel)}", filesystem=self.fs, **PARQUET_OPTIONS)
 
     def read_parquet(self, rel, columns=None):
         return pq.read_table(f"{self.bucket}/{self._key(rel)}", filesystem=self.fs, columns=columns)

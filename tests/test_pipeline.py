@@ -100,3 +100,18 @@ def test_end_to_end_resume_and_growth(tmp_path, local_ray):
     st = status(str(root))
     assert st["models"]["c"]["missing"] == [] and st["models"]["c"]["done"] == [0, 1, 2, 3]
     assert st["reduced"]["missing"] == []
+
+
+def test_float16_maps_are_stored_scaled_and_read_back():
+    import pyarrow as pa
+
+    from ray_consensus.pipeline import _list_column
+    from ray_consensus.reduce import stored_maps
+
+    maps = np.array([[1e-7, -3e-7, 0.0, 2e-7], [0.0, 0.0, 0.0, 0.0]])
+    scale = np.array([3e-7, 1.0])  # max |m| per map; an all-zero map keeps scale 1
+    table = pa.table({"attribution": _list_column((maps / scale[:, None]).astype(np.float16)),
+                      "attribution_scale": pa.array(scale.astype(np.float32))})
+    back = stored_maps(table, 4)
+    np.testing.assert_allclose(back, maps, rtol=1e-3, atol=0)
+    assert float(np.float16(1e-7)) != 1e-7 and abs(float(np.float16(1e-7)) - 1e-7) > 1e-9  # why the scale
