@@ -83,6 +83,19 @@ def test_end_to_end_resume_and_growth(tmp_path, local_ray):
     assert info["units_computed"] == {"attributions": 0, "reduce": 0}
     assert info["units_skipped"]["attributions"] == 6
 
+    # Switching method options re-runs only the reducer, from the stored attributions.
+    switched = parse_spec(tiny_spec(data, str(root), method={"voted": "all_correct", "similarity": "spearman"}))
+    info = execute(switched, progress=False)
+    assert info["units_computed"] == {"attributions": 0, "reduce": 3}
+    assert info["spec"]["method"]["voted"] == "all_correct"
+    consensus = read_dir(root / "consensus").set_index("image_id")
+    all_correct = attrs.groupby("image_id")["correct"].all()
+    assert (consensus["voted"] == all_correct.loc[consensus.index]).all()
+    scores = read_dir(root / "scores")
+    assert np.allclose(scores["consensus_score"], scores["spearman"], equal_nan=True)
+    info = execute(spec, progress=False)  # back to the defaults: the reducer again, nothing else
+    assert info["units_computed"] == {"attributions": 0, "reduce": 3}
+
     # A third member and 2 new images per class: only the new model's units and the new shard's units.
     make_image_folder(data, n_classes=3, per_class=2, start=6)
     grown = parse_spec(tiny_spec(data, str(root), models=("a=resnet10t@random", "b=mobilenetv3_small_050@random",
