@@ -63,10 +63,10 @@ class DecodeShard:
         self.explainer_cls = EXPLAINERS[ctx.spec.explainer.name]
 
     def decode(self, task: ShardTask) -> dict:
-        from ray_consensus.data import DecodeError, decode_image, decode_mask
+        from ray_consensus.data import DecodeError, decode_image, decode_mask, image_size_of
         from ray_consensus.storage import read_uri_bytes
 
-        spec, store = self.ctx.spec, self.ctx.store
+        spec = self.ctx.spec
         size, map_size = spec.run.image_size, spec.run.map_size
         params = {**self.explainer_cls.defaults, **spec.explainer.params}
         good, images, masks, segments, errors = [], [], [], [], []
@@ -87,8 +87,6 @@ class DecodeShard:
                 try:
                     if not item["mask_uri"]:
                         raise DecodeError("no mask file for this image")
-                    from ray_consensus.data import image_size_of
-
                     mask = decode_mask(read_uri_bytes(item["mask_uri"], spec.storage), image_size_of(data),
                                        map_size, spec.dataset.mask_foreground)
                 except FileNotFoundError:
