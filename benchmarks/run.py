@@ -139,14 +139,14 @@ def timings_text(info: dict) -> str:
 
 
 def actor_threads(spec: RunSpec) -> tuple[float, int]:
-    """CPUs per attribution actor for this spec on this cluster, and the torch threads Ray gives it."""
+    """CPUs per attribution actor for this spec on this cluster, and the torch threads it runs with."""
     import ray
 
-    from ray_consensus.pipeline import actor_cpus
+    from ray_consensus.pipeline import actor_cpus, actor_torch_threads
 
-    cpus = actor_cpus(spec, len(spec.committee), ray.cluster_resources())
-    # Workers inherit OMP_NUM_THREADS from this process; unset, Ray sets it to max(floor(CPUs), 1).
-    return cpus, int(os.environ.get("OMP_NUM_THREADS", max(int(cpus), 1)))
+    cluster = ray.cluster_resources()
+    return (actor_cpus(spec, len(spec.committee), cluster),
+            actor_torch_threads(spec, len(spec.committee), cluster))
 
 
 def image_set(work: Path, name: str, n: int, masks: bool) -> Path:

@@ -297,6 +297,12 @@ def actor_cpus(spec: RunSpec, n_models: int, cluster: dict) -> float:
     return max(0.01, min(1.0, int(total_cpus * 0.9 / (actors + 1) * 100) / 100))
 
 
+def actor_torch_threads(spec: RunSpec, n_models: int, cluster: dict) -> int:
+    """Torch threads of a CPU actor: its whole-CPU share of the cluster (Ray itself would give a
+    fractional-CPU actor one thread)."""
+    return max(1, int(cluster.get("CPU", 1) // max(1, n_models * spec.resources.actors_per_model)))
+
+
 def _warn(msg: str) -> None:
     print(f"[ray-consensus] warning: {msg}", file=sys.stderr, flush=True)
 
@@ -328,7 +334,7 @@ def run_attributions(ctx: StageContext, tasks: list[ShardTask], progress=None) -
     needed = [m.id for m in spec.committee if any(m.id in t.models for t in tasks)]
     cluster = ray.cluster_resources()
     cpus = actor_cpus(spec, len(needed), cluster)
-    ctx.torch_threads = max(1, int(cluster.get("CPU", 1) // max(1, len(needed) * spec.resources.actors_per_model)))
+    ctx.torch_threads = actor_torch_threads(spec, len(needed), cluster)
     ds = ds.map_batches(decode_shards, fn_args=(ctx,), batch_size=1, num_cpus=min(1.0, cpus))
     for model_id in needed:
         ds = ds.map_batches(ExplainShard, fn_constructor_args=(ctx, model_id), batch_size=1,
