@@ -2,8 +2,9 @@
 
 * `smoothgrad_batches`: the explainer called batch by batch on images already decoded in
   memory: no Ray, no storage, no reducer (figure 1's denominator).
-* `committee_images`: single-machine consensus code as it is usually written: for each
-  image, decode it, run every model on it one after another, then vote (figure 3's denominator).
+* `committee_lime_images`: single-machine consensus code as it is usually written: for each
+  image, decode it, explain it with every model one after another (captum's `Lime` with its
+  defaults), then vote (figure 3's denominator).
 * `captum_lime`: captum's `Lime`, one call per image, fed the perturbation masks, mean-colour
   fill, kernel and ridge surrogate of `ray_consensus.lime` (figure 2's denominator).
 
@@ -31,7 +32,8 @@ from ray_consensus import consensus as cm
 from ray_consensus.committee import Preprocess, resample_maps
 from ray_consensus.data import decode_image
 from ray_consensus.explainers import Explainer, ScoreModel
-from ray_consensus.lime import fit_weighted_ridge, perturbation_seed, sample_masks
+from ray_consensus.lime import fill_with_mean_colours, fit_weighted_ridge, perturbation_seed, sample_masks
+from ray_consensus.superpixels import segment
 
 
 @dataclass
@@ -51,22 +53,6 @@ DEFAULT_THREADS = torch.get_num_threads()  # before anything here changes it
 def thread_settings() -> list[int]:
     """The torch thread counts every baseline is tried with: 1 and torch's default."""
     return sorted({1, DEFAULT_THREADS})
-
-
-def thread_costs(step: Callable[[], None], min_s: float = 1.0) -> dict[int, float]:
-    """Seconds per call of `step` at each of `thread_settings()` (one warm-up call, then calls until
-    `min_s` has passed, at least one). Leaves torch at its default count."""
-    cost = {}
-    for threads in thread_settings():
-        torch.set_num_threads(threads)
-        step()
-        calls, t0 = 0, time.perf_counter()
-        while calls < 1 or time.perf_counter() - t0 < min_s:
-            step()
-            calls += 1
-        cost[threads] = (time.perf_counter() - t0) / calls
-    torch.set_num_threads(DEFAULT_THREADS)
-    return cost
 
 
 def alternate_threads(steps: list[Callable[[], int]], time_cap_s: float) -> dict[int, Throughput]:
@@ -97,17 +83,20 @@ def alternate_threads(steps: list[Callable[[], int]], time_cap_s: float) -> dict
 
 def to_batch(pixels: np.ndarray) -> Tensor:
     """uint8 (B, S, S, 3) -> float32 (B, 3, S, S) in [0, 1], as the attribution actor does it."""
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div_(255)
+    return torch.tensor(pixels).permute(0, 3, 1, 2).float().div_(255)
 
 
 def smoothgrad_batches(model: nn.Module, preprocess: Preprocess, explainer: Explainer, pixels: np.ndarray,
-                       labels: np.ndarray, batch_size: int) -> list[Callable[[], int]]:
+                       labels: np.ndarray, batch_size: int, device: str = "cpu",
+                       autocast: torch.dtype | None = None) -> list[Callable[[], int]]:
     """The bare loop as steps: `explainer.explain` on one batch of pre-decoded uint8 (N, S, S, 3)
-    images, map copied to numpy; each step returns its image count."""
+    images (moved to `device`, under autocast if given), map copied to numpy; each step returns
+    its image count."""
     def step(start: int) -> int:
-        x = to_batch(pixels[start:start + batch_size])
-        target = torch.from_numpy(labels[start:start + batch_size].copy())
-        explainer.explain(model, preprocess, x, target)["map"].numpy()
+        x = to_batch(pixels[start:start + batch_size]).to(device)
+        target = torch.from_numpy(labels[start:start + batch_size].copy()).to(device)
+        with torch.autocast(torch.device(device).type, dtype=autocast, enabled=autocast is not None):
+            explainer.explain(model, preprocess, x, target)["map"].float().cpu().numpy()
         return len(x)
 
     return [functools.partial(step, start) for start in range(0, len(pixels), batch_size)]
@@ -115,25 +104,26 @@ def smoothgrad_batches(model: nn.Module, preprocess: Preprocess, explainer: Expl
 
 # ---------------------------------------------------------------- figure 3
 
-def explain_one(models: list[tuple[nn.Module, Preprocess]], explainer: Explainer, image: np.ndarray, label: int,
-                map_size: int) -> np.ndarray:
-    """One decoded uint8 (S, S, 3) image through every model in turn -> float64 (K, map_size**2)."""
-    x = to_batch(image[None])
-    target = torch.tensor([label])
-    maps = [resample_maps(explainer.explain(model, pre, x, target)["map"].detach(), map_size)
-            for model, pre in models]
-    return torch.cat(maps).reshape(len(models), -1).double().numpy()
-
-
-def committee_images(files: list[str], labels: list[int], models: list[tuple[nn.Module, Preprocess]],
-                     explainer: Explainer, image_size: int, map_size: int) -> list[Callable[[], int]]:
-    """The sequential loop as steps, one per image: read and decode the file, explain it with every
-    model one after another, normalise, vote, score."""
+def committee_lime_images(files: list[str], labels: list[int], models: list[tuple[nn.Module, Preprocess]],
+                          params: dict, image_size: int, map_size: int, device: str = "cpu") -> list[Callable[[], int]]:
+    """The sequential loop as steps, one per image: read and decode the file, compute its
+    superpixels, explain it with every model one after another through captum's `Lime` (one call
+    per image, captum's default perturbations_per_eval=1, the masks our LIME would draw), paint the
+    weights, normalise, vote, score."""
     def step(path: str, label: int) -> int:
         with open(path, "rb") as f:
-            image = decode_image(f.read(), image_size)
-        maps = cm.normalise(explain_one(models, explainer, image, label, map_size), "abs_l2")
-        cm.similarity(maps, cm.vote(maps, "mean")[None], "cosine")
+            rgb = decode_image(f.read(), image_size)
+        seg = torch.from_numpy(segment(rgb, params["segmentation"], int(params["n_segments"]),
+                                       float(params["compactness"]), seed=int(params["seed"]))).long()[None].to(device)
+        image = to_batch(rgb[None]).to(device)
+        masks = lime_masks(image, seg, int(params["n_samples"]), float(params["p_keep"]), int(params["seed"]))
+        fill = fill_with_mean_colours(image, seg, int(seg.max()) + 1)
+        target = torch.tensor([label], device=device)
+        maps = [resample_maps(captum_lime(model, pre, image, seg, target, masks, fill, params, 1)[0]
+                              .float()[seg], map_size) for model, pre in models]
+        flat = torch.cat(maps).reshape(len(models), -1).double().cpu().numpy()
+        norm = cm.normalise(flat, "abs_l2")
+        cm.similarity(norm, cm.vote(norm, "mean")[None], "cosine")
         return 1
 
     return [functools.partial(step, path, label) for path, label in zip(files, labels)]
@@ -146,10 +136,10 @@ def lime_masks(images: Tensor, segments: Tensor, n_samples: int, p_keep: float, 
 
     images float (B, 3, S, S) in [0, 1], segments int64 (B, S, S) ids 0..K_i-1.
     """
-    pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    pixels = (images * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
     out = []
     for i in range(len(images)):
-        seg = segments[i].numpy()
+        seg = segments[i].cpu().numpy()
         gen = torch.Generator().manual_seed(perturbation_seed(seed, pixels[i], seg))
         out.append(sample_masks(n_samples, int(seg.max()) + 1, p_keep, gen))
     return out
@@ -163,7 +153,7 @@ class RidgeSurrogate(Model):
 
     def fit(self, train_data, **kwargs):
         ((z, y, w),) = list(train_data)  # captum passes all samples as one batch
-        beta, _ = fit_weighted_ridge(z[None], y[None], w[None], self.alpha, torch.tensor([z.shape[1]]))
+        beta, _ = fit_weighted_ridge(z[None], y[None], w[None], self.alpha, torch.tensor([z.shape[1]], device=z.device))
         self.beta = beta[0]
 
     def representation(self) -> Tensor:
@@ -184,7 +174,7 @@ def captum_lime(model: nn.Module, preprocess: Preprocess, images: Tensor, segmen
     cosine = get_exp_kernel_similarity_function("cosine", kernel_width=float(params["kernel_width"]))
     out = []
     for i in range(len(images)):
-        def perturb(_inputs, _rows=masks[i], **kwargs):
+        def perturb(_inputs, _rows=masks[i].to(images.device), **kwargs):
             yield from (row[None].long() for row in _rows)
 
         lime = Lime(lambda x: score_model(preprocess(x)), interpretable_model=RidgeSurrogate(float(params["alpha"])),

@@ -38,16 +38,18 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # baselines, monitor; the tests' PNG image sets
 
-from baselines import (DEFAULT_THREADS, alternate_threads, captum_lime, committee_images,  # noqa: E402
-                       lime_masks, smoothgrad_batches, thread_costs, to_batch)
+from baselines import (DEFAULT_THREADS, alternate_threads, captum_lime, committee_lime_images,  # noqa: E402
+                       lime_masks, smoothgrad_batches, thread_settings, to_batch)
 from imagesets import make_image_folder  # noqa: E402
 from monitor import Monitor, Usage  # noqa: E402
 
 from ray_consensus import consensus as cm  # noqa: E402
+from ray_consensus.cli import DEMO_EXPLAINER_PARAMS, demo_spec  # noqa: E402
 from ray_consensus.committee import Preprocess, create_member_model, member_data_config  # noqa: E402
 from ray_consensus.config import DatasetSpec, MemberSpec, RunSpec, parse_member, parse_spec  # noqa: E402
 from ray_consensus.data import decode_image, read_manifest  # noqa: E402
-from ray_consensus.explainers import EXPLAINERS, ScoreModel  # noqa: E402
+from ray_consensus.demo import DEMO_COMMITTEE, model_kwargs  # noqa: E402
+from ray_consensus.explainers import EXPLAINERS  # noqa: E402
 from ray_consensus.lime import Lime, fill_with_mean_colours  # noqa: E402
 from ray_consensus.runner import execute, make_plan, preflight  # noqa: E402
 from ray_consensus.superpixels import segment  # noqa: E402
@@ -157,7 +159,7 @@ def image_set(work: Path, name: str, n: int, masks: bool) -> Path:
 # ---------------------------------------------------------------- figure 1
 
 def end_to_end(work: Path, scale: float) -> dict:
-    n = 4 * max(2, round(32 * scale))
+    n = 4 * max(2, round(80 * scale))  # 10 shards: a throughput, with the per-run start-up inside it
     data = image_set(work, "e2e-data", n, masks=False)
     spec = spec_for(data, work / "e2e-run", ["m=resnet10t@random"], {"n_samples": 10}, run={"shard_size": 32})
     manifest = read_manifest(spec.dataset)
@@ -187,97 +189,130 @@ def end_to_end(work: Path, scale: float) -> dict:
 
 # ---------------------------------------------------------------- figure 2
 
+def demo_members() -> list[MemberSpec]:
+    """The demo committee's architectures at the input sizes they are trained at (random init: the
+    same cost): the models this project runs on CPUs."""
+    return [MemberSpec(**parse_member(f"{r.id}={r.arch}@random"), kwargs=model_kwargs(r)) for r in DEMO_COMMITTEE]
+
+
 def lime_vs_captum(work: Path, scale: float) -> None:
-    n_images, size = max(1, round(2 * scale)), 64
+    n_images = max(1, round(2 * scale))
     data = make_image_folder(work / "lime-data", n_classes=n_images, per_class=1, size=PHOTO, masks=False)
     manifest = read_manifest(DatasetSpec(path=str(data / "images")))
-    rgb = np.stack([decode_image(Path(u).read_bytes(), size) for u in manifest.table["uri"]])
     # Logit output: a random-init head gives near-uniform probabilities, hence LIME weights of
     # ~1e-6, which would make the agreement check below vacuous. The cost is the same.
     lime = Lime(n_samples=1000, output="logit")
     p = lime.params
-    # Superpixels exactly as the decode stage computes them.
-    segments = torch.from_numpy(np.stack([segment(x, p["segmentation"], p["n_segments"], p["compactness"],
-                                                  seed=p["seed"]) for x in rgb])).long()
-    images = to_batch(rgb)
     target = torch.tensor(manifest.table["label"].to_numpy(np.int64))
-    masks = lime_masks(images, segments, int(p["n_samples"]), float(p["p_keep"]), int(p["seed"]))
-    fill = fill_with_mean_colours(images, segments, int(segments.max()) + 1)
 
-    def compare(member: MemberSpec) -> dict:
-        model, pre = load_member(member, manifest.num_classes)
-        step = int(p["forward_batch"])
-        score = ScoreModel(model, p["output"])
-        one = images[:1].repeat(step, 1, 1, 1)
-        with torch.no_grad():  # what one forward costs, batched and per perturbation, at each thread count
-            probe = {f"batch {step}": {t: c / step for t, c in thread_costs(lambda: score(pre(one))).items()},
-                     "batch 1": thread_costs(lambda: score(pre(one[:1])))}
-        torch.set_num_threads(1)
-        lime.explain(model, pre, images[:1], target[:1], segments[:1])  # warm-up
+    def inputs(grid: int):
+        """Images on a `grid` px crop, their superpixels exactly as the decode stage computes them,
+        the masks our LIME draws, and the mean-colour fill."""
+        rgb = np.stack([decode_image(Path(u).read_bytes(), grid) for u in manifest.table["uri"]])
+        segments = torch.from_numpy(np.stack([segment(x, p["segmentation"], p["n_segments"], p["compactness"],
+                                                      seed=p["seed"]) for x in rgb])).long()
+        images = to_batch(rgb)
+        masks = lime_masks(images, segments, int(p["n_samples"]), float(p["p_keep"]), int(p["seed"]))
+        return images, segments, masks, fill_with_mean_colours(images, segments, int(segments.max()) + 1)
+
+    def timed(fn) -> tuple[float, object]:
         t0 = time.perf_counter()
-        ours = lime.explain(model, pre, images, target, segments)["superpixel_weights"].double()
-        out = {"ours": time.perf_counter() - t0, "size": pre.size[0], "step": step, "probe": probe}
+        out = fn()
+        return time.perf_counter() - t0, out
+
+    def compare(member: MemberSpec, images, segments, masks, fill) -> dict:
+        """Seconds of ours and of captum per image at each thread count (interleaved), of captum with
+        our forward batch at 1 thread; the largest weight and the largest disagreement."""
+        model, pre = load_member(member, manifest.num_classes)
+        step = lime.forward_batch(torch.device("cpu"), pre.size)
+        out = {"size": pre.size[0], "step": step, "ours": {}, "naive": {}}
         weights = []
-        for key, per_eval in (("naive", 1), ("batched", step)):
-            t0 = time.perf_counter()
-            weights.append(captum_lime(model, pre, images, segments, target, masks, fill, p, per_eval))
-            out[key] = time.perf_counter() - t0
+        lime.explain(model, pre, images[:1], target[:1], segments[:1])  # warm-up
+        for threads in thread_settings():
+            torch.set_num_threads(threads)
+            out["ours"][threads], ours = timed(lambda: lime.explain(model, pre, images, target, segments))
+            out["naive"][threads], w = timed(lambda: captum_lime(model, pre, images, segments, target, masks, fill,
+                                                                 p, 1))
+            weights.append(w)
+        torch.set_num_threads(1)
+        out["batched"], w = timed(lambda: captum_lime(model, pre, images, segments, target, masks, fill, p, step))
+        weights.append(w)
         torch.set_num_threads(DEFAULT_THREADS)
         # Like for like: the same masks, fill, kernel and surrogate must give the same weights.
-        out["largest"] = max(float(w.abs().max()) for w in weights[0])
+        ours = ours["superpixel_weights"].double()
+        out["largest"] = max(float(w.abs().max()) for ws in weights for w in ws)
         out["diff"] = max(float((ours[i, :len(w)] - w).abs().max()) for ws in weights for i, w in enumerate(ws))
         return out
 
-    arch = "mobilenetv3_small_050"
-    head = compare(MemberSpec(**parse_member(f"m={arch}@random")))
-    small = compare(MemberSpec(**parse_member(f"m={arch}@random"),
-                               kwargs={"pretrained_cfg_overlay": {"input_size": [3, size, size]}}))
-    ratio = head["naive"] / head["ours"]
+    def best(r: dict, key: str) -> float:
+        return min(r[key].values())
+
+    def threads_text(r: dict, key: str) -> str:
+        return "/".join(f"{r[key][t]:.1f}" for t in sorted(r[key]))
+
+    grid = 64  # the demo's run.image_size
+    small = inputs(grid)
+    committee = {m.id: compare(m, *small) for m in demo_members()}
+    ours, naive = sum(best(r, "ours") for r in committee.values()), sum(best(r, "naive") for r in committee.values())
+    batched = sum(r["batched"] for r in committee.values())
+    big = compare(MemberSpec(**parse_member("m=mobilenetv3_small_050@random")), *inputs(224))
+    ratio = naive / ours
     say(Figure("lime_batched_vs_captum_per_image", ratio, ".1f", ">= 5", ratio >= 5).line())
-    say(Figure("lime_batched_vs_captum_batched_reference", head["batched"] / head["ours"], ".2f").line())
-    say(Figure("lime_batched_vs_captum_per_image_64px_input_reference", small["naive"] / small["ours"], ".1f").line())
-    note(f"{n_images} image(s) {size} px, SLIC ({p['n_segments']} segments), {arch} (random init), "
-         f"{p['n_samples']} samples, mean-colour fill, cosine kernel, weighted ridge, logit output; the same masks "
-         f"on both sides; 1 torch thread on both sides (what each Ray actor gets here; a batch-1 forward with 2 "
-         f"threads stalls whenever another process holds a core)")
-    for name, r in (("headline: model input 224 px (timm's, as the product runs it)", head),
-                    (f"reference: model input {size} px (pretrained_cfg_overlay)", small)):
-        note(f"{name}: ours (forward_batch {r['step']}) {r['ours']:.1f} s; captum Lime per image, "
-             f"perturbations_per_eval=1 {r['naive']:.1f} s, ={r['step']} {r['batched']:.1f} s; max |ours - captum| "
-             f"{r['diff']:.1e} (largest weight {r['largest']:.1e})")
-        note("  forward cost per image: " + "; ".join(
-            f"{shape}: " + ", ".join(f"{t} thr {c * 1e3:.2f} ms" for t, c in costs.items())
-            for shape, costs in r["probe"].items()))
+    at1 = sum(r["naive"][1] for r in committee.values()) / sum(r["ours"][1] for r in committee.values())
+    say(Figure("lime_batched_vs_captum_per_image_1_thread_reference", at1, ".1f").line())
+    say(Figure("lime_batched_vs_captum_batched_1_thread_reference", batched / sum(r["ours"][1] for r in
+                                                                                   committee.values()), ".2f").line())
+    say(Figure("lime_batched_vs_captum_per_image_224px_reference", best(big, "naive") / best(big, "ours"), ".1f").line())
+    diff = max(r["diff"] for r in [*committee.values(), big])
+    note(f"{n_images} image(s); SLIC ({p['n_segments']} segments), {p['n_samples']} samples, mean-colour fill, cosine "
+         f"kernel, weighted ridge, logit output; the same masks on both sides, which agree to {diff:.1e}; each side "
+         f"timed at {' and '.join(map(str, thread_settings()))} torch thread(s), interleaved per model, the faster "
+         f"counting (a batch-1 forward gains little from a second thread, a batched one nearly 2x)")
+    note(f"headline: the 7 demo members (random init) at their trained input sizes on the demo's {grid} px grid, "
+         f"summed over members: ours {ours:.1f} s; captum Lime per image (perturbations_per_eval=1) {naive:.1f} s; "
+         f"captum with ours' forward batch, 1 thread: {batched:.1f} s")
+    note("per member (input px, forward batch; seconds at 1/2 threads: ours; captum per image; largest weight): " +
+         "; ".join(f"{k} ({r['size']}, {r['step']}): {threads_text(r, 'ours')}; {threads_text(r, 'naive')}; "
+                   f"{r['largest']:.0e}" for k, r in committee.items()))
+    note(f"reference: mobilenetv3_small_050 at 224 px on a 224 px grid (a pretrained-size model on a CPU), seconds at "
+         f"1/2 threads: ours (forward batch {big['step']}) {threads_text(big, 'ours')}; captum per image "
+         f"{threads_text(big, 'naive')}; at 224 px a forward's cost per image hardly falls with the batch on this CPU")
 
 
 # ---------------------------------------------------------------- figure 3
 
-COMMITTEE = ["resnet10t", "mobilenetv3_small_050", "lcnet_050", "regnetx_002"]
-
-
 def committee_vs_sequential(work: Path, scale: float) -> tuple[dict, RunSpec]:
-    n = 4 * max(2, round(24 * scale))
+    n = 4 * max(2, round(12 * scale))
     data = image_set(work, "committee-data", n, masks=True)
-    spec = spec_for(data, work / "committee-run", [f"{a}@random" for a in COMMITTEE], {"n_samples": 4},
-                    run={"shard_size": 16})
+    members = demo_members()
+    params = DEMO_EXPLAINER_PARAMS["lime"]
+    demo_run = demo_spec(Path("."), [], "", "lime")
+    spec = parse_spec({
+        "dataset": {"path": str(data / "images"), "masks": str(data / "masks")},
+        "committee": [dataclasses.asdict(m) for m in members],
+        "explainer": {"name": "lime", "params": params},
+        "run": {**demo_run["run"], "output": str(work / "committee-run"), "shard_size": 16},
+        "resources": demo_run["resources"],
+    })
     manifest = read_manifest(spec.dataset)
     models = [load_member(m, manifest.num_classes) for m in spec.committee]
-    explainer = EXPLAINERS["smoothgrad"](**spec.explainer.params)
-    steps = committee_images(list(manifest.table["uri"]), list(manifest.table["label"]), models, explainer,
-                             spec.run.image_size, spec.run.map_size)
+    steps = committee_lime_images(list(manifest.table["uri"]), list(manifest.table["label"]), models,
+                                  Lime(**params).params, spec.run.image_size, spec.run.map_size)
     with Monitor() as ms:
         seq, seq_text = fastest(alternate_threads(steps, time_cap_s=40 * scale))
     info, used = timed_execute(spec)
     ratio = (n / used.wall_s) / seq.per_s
     say(Figure("committee_pipeline_vs_sequential_loop", ratio, ".2f", ">= 3", ratio >= 3).line())
     cpus, threads = actor_threads(spec)
-    note(f"{n} PNG images with masks; committee {', '.join(COMMITTEE)} (random init, timm input sizes), SmoothGrad "
-         f"n_samples={spec.explainer.params['n_samples']}, batch {spec.resources.batch_size}, shard_size "
-         f"{spec.run.shard_size}; {len(COMMITTEE)} actors x {cpus:g} CPU -> {threads} torch thread(s) each")
+    note(f"{n} PNG images with masks; the demo's committee (7 architectures at their trained input sizes, random "
+         f"init) and LIME run ({params}, {spec.run.image_size} px grid, {spec.run.map_size} px maps, batch "
+         f"{spec.resources.batch_size}, shard_size {spec.run.shard_size}); {len(members)} actors x {cpus:g} CPU -> "
+         f"{threads} torch thread(s) each")
     note(f"pipeline: {n / used.wall_s:.2f} img/s ({n} images, {used.wall_s:.1f} s wall of execute(), actor start-up "
          f"included); run.json: {timings_text(info)}; {cpu_text(used)}")
-    note(f"sequential loop (per image: decode, {len(COMMITTEE)} models at batch 1, vote, score): {seq_text}; the "
-         f"faster is the denominator; {cpu_text(ms.usage)}")
+    note(f"sequential loop (per image: decode, superpixels, each model in turn through captum Lime.attribute with "
+         f"its default perturbations_per_eval=1 and the same masks, vote, score): {seq_text}; the faster is the "
+         f"denominator; {cpu_text(ms.usage)}")
     return info, spec
 
 
@@ -402,8 +437,8 @@ def header(scale: float) -> None:
         f"{platform.python_version()}, torch {torch.__version__} ({DEFAULT_THREADS} threads by default), "
         f"timm {timm.__version__}, captum {captum.__version__}, ray {ray.__version__}")
     say("# Ray: ray.init(address='local', num_cpus=2) once, before any timing; a pipeline time is the wall time of "
-        "execute() and includes actor start-up. Baselines run in this process, warm: the loops of figures 1 and 3 "
-        "at 1 torch thread and at the default, interleaved, the faster counting; figure 2 at 1 thread on both sides. "
+        "execute() and includes actor start-up. Baselines run in this process, warm, at 1 torch thread and at the "
+        "default, interleaved, the faster counting (figure 2: both sides so). "
         "'other processes': CPU used meanwhile by anything not started by this benchmark.")
     say("# compares: 1 end to end (PNG -> execute(), 1 member -> Parquet) vs the same explainer in a bare batched "
         "loop on pre-decoded images | 2 batched LIME vs captum Lime per image (same masks, fill, kernel, surrogate) | "
@@ -415,6 +450,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="multiply image counts and time caps (smoke: 0.2)")
     parser.add_argument("--keep", type=Path, help="keep data sets and run roots in this folder (default: a temp dir)")
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 7), metavar="N",
+                        help="run only these figures (5 needs 3; 6 needs 3 and 4)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     t_start = time.perf_counter()
@@ -425,13 +462,22 @@ def main(argv=None) -> int:
 
     header(args.scale)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    want = set(args.only or range(1, 7))
+    want |= {3} if want & {5, 6} else set()
+    want |= {4} if 6 in want else set()
     try:
-        memory_run = memory_growth(work, args.scale)  # first: the driver holds nothing of the benchmark's own yet
-        e2e_info = end_to_end(work, args.scale)
-        lime_vs_captum(work, args.scale)
-        committee = committee_vs_sequential(work, args.scale)
-        reducer_share(committee, {"figure 1's run": e2e_info, "figure 4's N-image run": memory_run[1]})
-        storage(work, committee, memory_run)
+        if 4 in want:  # first: the driver holds nothing of the benchmark's own yet
+            memory_run = memory_growth(work, args.scale)
+        e2e_info = end_to_end(work, args.scale) if 1 in want else None
+        if 2 in want:
+            lime_vs_captum(work, args.scale)
+        if 3 in want:
+            committee = committee_vs_sequential(work, args.scale)
+        if 5 in want:
+            others = {"figure 1's run": e2e_info, "figure 4's N-image run": memory_run[1] if 4 in want else None}
+            reducer_share(committee, {k: v for k, v in others.items() if v})
+        if 6 in want:
+            storage(work, committee, memory_run)
     finally:
         ray.shutdown()
         if args.keep is None:

@@ -147,11 +147,18 @@ class Preprocess(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.std).view(1, 3, 1, 1))
 
     def forward(self, images: Tensor) -> Tensor:
-        if tuple(images.shape[-2:]) != tuple(self.size):
-            antialias = self.mode in ("bilinear", "bicubic")
-            images = F.interpolate(images, size=self.size, mode=self.mode, antialias=antialias,
-                                   **({} if self.mode == "nearest" else {"align_corners": False}))
-        return (images - self.mean) / self.std
+        return (self.resize(images) - self.mean) / self.std
+
+    def linear(self, images: Tensor) -> Tensor:
+        """The linear part of forward(), resize(images) / std: forward(a + b) = forward(a) + linear(b)."""
+        return self.resize(images) / self.std
+
+    def resize(self, images: Tensor) -> Tensor:
+        if tuple(images.shape[-2:]) == tuple(self.size):
+            return images
+        antialias = self.mode in ("bilinear", "bicubic")
+        return F.interpolate(images, size=self.size, mode=self.mode, antialias=antialias,
+                             **({} if self.mode == "nearest" else {"align_corners": False}))
 
 
 def resample_maps(maps: Tensor, size: int) -> Tensor:

@@ -365,7 +365,7 @@ DEMO_COMMITTEE: tuple[MemberRecipe, ...] = (
 )
 
 
-def _model_kwargs(recipe: MemberRecipe) -> dict:
+def model_kwargs(recipe: MemberRecipe) -> dict:
     """``timm.create_model`` keyword arguments (besides ``num_classes``) for a member.
 
     The overlay makes ``timm.data.resolve_data_config(model=model)`` report the size the
@@ -427,7 +427,7 @@ def train_committee(
                 "id": recipe.id,
                 "arch": recipe.arch,
                 "weights": str(weights),
-                "kwargs": _model_kwargs(recipe),
+                "kwargs": model_kwargs(recipe),
                 "num_classes": num_classes,
             }
         )
@@ -442,7 +442,7 @@ def _cache_key(parts: dict) -> str:
 def _create_member(recipe: MemberRecipe, num_classes: int) -> torch.nn.Module:
     """A freshly initialised ``torch.nn.Module`` for ``recipe`` (no pretrained weights)."""
     return timm.create_model(
-        recipe.arch, pretrained=False, num_classes=num_classes, **_model_kwargs(recipe)
+        recipe.arch, pretrained=False, num_classes=num_classes, **model_kwargs(recipe)
     )
 
 
@@ -528,7 +528,7 @@ def _save_member(
     sidecar = {
         "id": recipe.id,
         "arch": recipe.arch,
-        "kwargs": _model_kwargs(recipe),
+        "kwargs": model_kwargs(recipe),
         "num_classes": num_classes,
         "classes": description["classes"],
         "input_size": [3, recipe.input_size, recipe.input_size],

@@ -23,6 +23,7 @@ so every committee member, in every actor and every run, scores the same perturb
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -115,14 +116,15 @@ class Lime(Explainer):
     """LIME with superpixels shared by the committee: mean-colour fill, cosine kernel, weighted ridge.
 
     Params: n_samples perturbations per image (row 0 unperturbed), kernel_width, alpha (ridge),
-    p_keep (probability a superpixel is kept), forward_batch (perturbations per forward pass),
+    p_keep (probability a superpixel is kept), forward_batch (perturbations per forward pass;
+    "auto": see `forward_batch`),
     output (probability|logit), seed; segmentation, n_segments, compactness are read by the
     decode stage for `superpixels.segment`.
     """
 
     name = "lime"
     needs_segments = True
-    defaults = {"n_samples": 1000, "kernel_width": 0.25, "alpha": 1.0, "p_keep": 0.5, "forward_batch": 256,
+    defaults = {"n_samples": 1000, "kernel_width": 0.25, "alpha": 1.0, "p_keep": 0.5, "forward_batch": "auto",
                 "output": "probability", "seed": 0,
                 "segmentation": "slic", "n_segments": 50, "compactness": 10.0}
 
@@ -134,7 +136,7 @@ class Lime(Explainer):
         if p["segmentation"] not in METHODS:
             raise SpecError(f"lime: segmentation must be one of {', '.join(METHODS)}, got {p['segmentation']!r}")
         rules = {"n_samples": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
-                 "forward_batch": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+                 "forward_batch": (lambda v: v == "auto" or (_is_int(v) and v >= 1), "an integer >= 1 or 'auto'"),
                  "n_segments": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
                  "seed": (_is_int, "an integer"),
                  "kernel_width": (lambda v: _is_number(v) and v > 0, "a number > 0"),
@@ -167,15 +169,14 @@ class Lime(Explainer):
         fill = fill_with_mean_colours(images, seg, k_max)
         targets = target.to(device).repeat_interleave(n)
         scores = torch.empty(b * n, device=device)
-        step = int(p["forward_batch"])
+        step = self.forward_batch(device, preprocess.size)
+        perturbed = _Perturbations(preprocess, images, fill, seg, n_features)
         for start in range(0, b * n, step):
             stop = min(start + step, b * n)
             pieces = []
             for i in range(start // n, (stop - 1) // n + 1):  # the images this chunk spans
-                rows = masks[i, max(start - i * n, 0):min(stop - i * n, n)]
-                keep = rows[:, seg[i]][:, None]  # (m, 1, S, S)
-                pieces.append(torch.where(keep, images[i], fill[i]))
-            scores[start:stop] = class_score(model, preprocess(torch.cat(pieces)), targets[start:stop], p["output"])
+                pieces.append(perturbed(i, masks[i, max(start - i * n, 0):min(stop - i * n, n)]))
+            scores[start:stop] = class_score(model, torch.cat(pieces), targets[start:stop], p["output"])
 
         weights = kernel_weights(masks, n_features, float(p["kernel_width"]))
         beta, _ = fit_weighted_ridge(masks, scores.view(b, n), weights, float(p["alpha"]), n_features)
@@ -183,6 +184,18 @@ class Lime(Explainer):
         valid = torch.arange(k_max, device=device)[None] < n_features[:, None]
         return {"map": beta.gather(1, seg.flatten(1)).view(b, s, s),
                 "superpixel_weights": torch.where(valid, beta, torch.full_like(beta, float("nan")))}
+
+    def forward_batch(self, device: torch.device, input_size: tuple[int, int]) -> int:
+        """Perturbations per forward pass: the param, or for "auto" 256 on a GPU and on a CPU the
+        power of two that keeps a batch near 2**20 input pixels (8 to 128): on a CPU a forward's
+        cost per image stops falling, and at 224 px rises, once the activations outgrow the caches."""
+        step = self.params["forward_batch"]
+        if step != "auto":
+            return int(step)
+        if device.type != "cpu":
+            return 256
+        per_image = max(1, input_size[0] * input_size[1])
+        return int(min(128, max(8, 2 ** math.floor(math.log2(max(1, 2**20 // per_image))))))
 
     def _masks(self, images: Tensor, seg: Tensor, n_features: list[int], k_max: int) -> Tensor:
         """bool (B, n_samples, K_max) on the CPU, each image's drawn from its own content-seeded generator."""
@@ -194,3 +207,42 @@ class Lime(Explainer):
             gen = torch.Generator().manual_seed(perturbation_seed(p["seed"], pixels[i], seg_np[i]))
             masks[i, :, :k] = sample_masks(int(p["n_samples"]), k, float(p["p_keep"]), gen)
         return masks
+
+
+class _Perturbations:
+    """Model inputs of perturbed images: preprocess(where(z[seg], image, fill)) for mask rows z,
+    without preprocessing every perturbed image.
+
+    Preprocessing is resize-then-normalise, `(R(x) - mean) / std` with R linear, so for
+    x = fill + sum_k z_k d_k, where d_k is (image - fill) on superpixel k and 0 elsewhere,
+    the input is preprocess(fill) + sum_k z_k R(d_k) / std: one (m, K) x (K, 3hw) product.
+    Without a resize preprocessing is per pixel and the input is where(z[seg], pre(image), pre(fill)).
+    Per image, the terms are built when first needed (the last image's only are kept).
+    """
+
+    def __init__(self, preprocess, images: Tensor, fill: Tensor, seg: Tensor, n_features: Tensor):
+        self.pre, self.images, self.fill, self.seg = preprocess, images, fill, seg
+        self.n_features = n_features.tolist()
+        self.resizes = tuple(images.shape[-2:]) != tuple(preprocess.size)
+        self.cached: tuple[int, Tensor, Tensor] | None = None
+
+    def __call__(self, i: int, rows: Tensor) -> Tensor:
+        # The composition stays in float32 under autocast: the model's first layer rounds, not this sum.
+        with torch.autocast(self.images.device.type, enabled=False):
+            base, parts = self.terms(i)
+            if not self.resizes:
+                return torch.where(rows[:, self.seg[i]][:, None], base[0], parts[0])
+            k = parts.shape[0]
+            return base + (rows[:, :k].to(parts.dtype) @ parts.flatten(1)).view(len(rows), *base.shape[1:])
+
+    def terms(self, i: int) -> tuple[Tensor, Tensor]:
+        if self.cached is None or self.cached[0] != i:
+            x, f = self.images[i:i + 1], self.fill[i:i + 1]
+            if not self.resizes:
+                self.cached = (i, self.pre(x), self.pre(f))
+            else:
+                k = self.n_features[i]
+                onehot = self.seg[i] == torch.arange(k, device=x.device)[:, None, None]  # (K, S, S)
+                parts = self.pre.linear(onehot[:, None].to(x.dtype) * (x - f))  # (K, 3, h, w)
+                self.cached = (i, self.pre(f), parts)
+        return self.cached[1], self.cached[2]

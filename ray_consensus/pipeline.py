@@ -1,13 +1,14 @@
 """The attribution pipeline on Ray Data, shard by shard:
 
-    shard tasks ─► DecodeShard (CPU tasks) ─► ExplainShard[model A] ─► ExplainShard[model B] ─► … ─► summary
+    shard tasks ─► DecodeShard (CPU tasks) ─► ExplainShard[model A] ─► ExplainShard[model B] ─► … ─► driver
 
 Each row is one shard. DecodeShard reads and decodes its images onto the shared grid
 (plus masks and superpixels), records bad inputs, and writes the shard's `inputs/` and
 `errors/` unit. Each committee member has its own actor pool; an actor loads its model
 once, explains the shard's images in batches and writes the (model, shard) attribution
-unit whole. Rows carry the decoded shard from one pool to the next; the last stage drops
-it, so the driver only sees small summaries.
+unit whole. Rows carry the decoded shard from one pool to the next; the last stage emits
+a small summary instead, so the driver learns that a shard's units are all written (and
+can start its reduce) without receiving its pixels.
 """
 
 from __future__ import annotations
@@ -48,11 +49,22 @@ class StageContext:
 
 # ---------------------------------------------------------------- decode (CPU)
 
-def decode_shards(batch: dict, ctx: StageContext) -> dict:
-    """Ray Data task stage: shard tasks (JSON) -> decoded shards (pickled payloads)."""
+def decode_shards(batch: dict, ctx: StageContext, last: bool) -> dict:
+    """Ray Data task stage: shard tasks (JSON) -> decoded shards (pickled payloads), or their
+    summaries when no model stage follows (only inputs units to write)."""
     stage = DecodeShard(ctx)
-    return {"payload": np.array([pickle.dumps(stage.decode(ShardTask(**json.loads(t)))) for t in batch["task"]],
-                                dtype=object)}
+    shards = [stage.decode(ShardTask(**json.loads(t))) for t in batch["task"]]
+    if last:
+        return summarise(shards)
+    return {"payload": np.array([pickle.dumps(s) for s in shards], dtype=object)}
+
+
+def summarise(shards: list[dict]) -> dict:
+    """What the driver needs per shard: progress, and that the shard's units are all written."""
+    return {"shard": np.array([s["task"].shard for s in shards], np.int64),
+            "n_images": np.array([len(s["images"]) for s in shards], np.int64),
+            "n_errors": np.array([len(s["task"].images) - len(s["images"]) for s in shards], np.int64),
+            "models": np.array([",".join(sorted(s["task"].models)) for s in shards], dtype=object)}
 
 
 class DecodeShard:
@@ -139,13 +151,13 @@ ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("st
 class ExplainShard:
     """Holds one committee member on the actor's device; explains whole shards."""
 
-    def __init__(self, ctx: StageContext, model_id: str):
+    def __init__(self, ctx: StageContext, model_id: str, last: bool):
         import torch
 
         from ray_consensus.committee import Preprocess, create_member_model, member_data_config
         from ray_consensus.explainers import EXPLAINERS
 
-        self.ctx, self.model_id = ctx, model_id
+        self.ctx, self.model_id, self.last = ctx, model_id, last
         spec = ctx.spec
         member = spec.member(model_id)
         self.device = torch.device("cuda" if spec.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu")
@@ -164,19 +176,19 @@ class ExplainShard:
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.resources.autocast)
 
     def __call__(self, batch: dict) -> dict:
-        for payload in batch["payload"]:
-            shard = pickle.loads(payload)
-            task: ShardTask = shard["task"]
-            if self.model_id in task.models:
-                self.explain_shard(shard, task)
-        return batch
+        shards = [pickle.loads(payload) for payload in batch["payload"]]
+        for shard in shards:
+            if self.model_id in shard["task"].models:
+                self.explain_shard(shard, shard["task"])
+        return summarise(shards) if self.last else batch
 
     def explain_shard(self, shard: dict, task: ShardTask) -> None:
         import torch
 
         spec = self.ctx.spec
         fp = task.models[self.model_id]
-        # Seeded per unit: a unit recomputed by any actor, in any run, gives the same maps.
+        # Seeded per unit: a unit recomputed by any actor, in any run, gives the same maps on the same kind of
+        # device (CPU and CUDA generators draw different noise from one seed; deterministic explainers agree).
         torch.manual_seed(int(fingerprint(spec.method.seed, self.model_id, task.shard), 16) % 2**31)
         pixels, segments, images = shard["pixels"], shard["segments"], shard["images"]
         maps, extras, preds = [], {}, []
@@ -258,18 +270,6 @@ def _read(uri: str, spec: RunSpec) -> bytes:
     return read_uri_bytes(uri, spec.storage)
 
 
-def summarise(batch: dict) -> dict:
-    """Last stage: keep only what the driver needs for progress."""
-    out = {"shard": [], "n_images": [], "n_errors": [], "models": []}
-    for payload in batch["payload"]:
-        shard = pickle.loads(payload)
-        out["shard"].append(shard["task"].shard)
-        out["n_images"].append(len(shard["images"]))
-        out["n_errors"].append(len(shard["task"].images) - len(shard["images"]))
-        out["models"].append(",".join(sorted(shard["task"].models)))
-    return {k: np.array(v) for k, v in out.items()}
-
-
 # ---------------------------------------------------------------- the chain
 
 def actor_cpus(spec: RunSpec, n_models: int, cluster: dict) -> float:
@@ -303,6 +303,15 @@ def actor_torch_threads(spec: RunSpec, n_models: int, cluster: dict) -> int:
     return max(1, int(cluster.get("CPU", 1) // max(1, n_models * spec.resources.actors_per_model)))
 
 
+def light_cpus(spec: RunSpec, cluster: dict) -> float:
+    """CPUs of a decode or reduce task. Half an actor's CPU share (at most 1/2 CPU) on CPU-only
+    clusters: small enough to run beside the actors, and unequal to theirs so that Ray Data does
+    not fuse the decode stage into the first member's actors (decode then overlaps explanation,
+    as it does on GPU clusters). Decoding is one thread; 1 CPU where the actors hold GPUs."""
+    cpus = actor_cpus(spec, 1, cluster) if spec.resources.num_cpus is None else spec.resources.num_cpus
+    return min(1.0, cpus) if spec.resources.num_gpus > 0 else max(0.01, min(0.5, cpus / 2))
+
+
 def _warn(msg: str) -> None:
     print(f"[ray-consensus] warning: {msg}", file=sys.stderr, flush=True)
 
@@ -320,28 +329,29 @@ def quiet_ray_data(show_bars: bool) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-def run_attributions(ctx: StageContext, tasks: list[ShardTask], progress=None) -> float:
-    """Stream the tasks through decode and every model's pool; returns wall seconds."""
+def run_attributions(ctx: StageContext, tasks: list[ShardTask], on_shard=None) -> float:
+    """Stream the tasks through decode and every model's pool; `on_shard(row)` is called with each
+    shard's summary as soon as all its units are written. Returns wall seconds."""
     import dataclasses
 
     import ray
 
     spec = ctx.spec
     t0 = time.time()
-    quiet_ray_data(show_bars=progress is not None and sys.stderr.isatty())
+    quiet_ray_data(show_bars=on_shard is not None and sys.stderr.isatty())
     items = [{"task": json.dumps(dataclasses.asdict(t))} for t in tasks]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     needed = [m.id for m in spec.committee if any(m.id in t.models for t in tasks)]
     cluster = ray.cluster_resources()
     cpus = actor_cpus(spec, len(needed), cluster)
     ctx.torch_threads = actor_torch_threads(spec, len(needed), cluster)
-    ds = ds.map_batches(decode_shards, fn_args=(ctx,), batch_size=1, num_cpus=min(1.0, cpus))
-    for model_id in needed:
-        ds = ds.map_batches(ExplainShard, fn_constructor_args=(ctx, model_id), batch_size=1,
+    ds = ds.map_batches(decode_shards, fn_args=(ctx, not needed), batch_size=1,
+                        num_cpus=light_cpus(spec, cluster))
+    for i, model_id in enumerate(needed):
+        ds = ds.map_batches(ExplainShard, fn_constructor_args=(ctx, model_id, i == len(needed) - 1), batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=spec.resources.actors_per_model),
                             num_gpus=spec.resources.num_gpus, num_cpus=cpus)
-    ds = ds.map_batches(summarise, batch_size=1, num_cpus=0.1)
     for row in ds.iter_rows():
-        if progress:
-            progress(row)
+        if on_shard:
+            on_shard(row)
     return time.time() - t0

@@ -7,6 +7,8 @@ moves arrays between Parquet and those functions.
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -133,7 +135,9 @@ def alignment_metrics(maps: np.ndarray, masks: np.ndarray, has_mask: np.ndarray)
 
 def reduce_shard(store: Store, shard: int, model_ids: list[str], method: MethodSpec, fp: str,
                  previous_fp: str | None, subsets: list[tuple[int, int, np.ndarray]]) -> dict:
-    """Reduce one shard and write its consensus/, scores/ and subcommittees/ unit. Returns counts."""
+    """Reduce one shard and write its consensus/, scores/ and subcommittees/ unit. Returns counts
+    and the seconds it took (reading, math, writing)."""
+    t0 = time.perf_counter()
     s = load_shard(store, shard, model_ids)
     v = vote_shard(s, method)
     n, k = len(s.image_ids), len(model_ids)
@@ -178,7 +182,7 @@ def reduce_shard(store: Store, shard: int, model_ids: list[str], method: MethodS
         f"{shard_dir('scores', shard)}/{DATA_FILE}": pa.table(score_cols),
         f"{shard_dir('subcommittees', shard)}/{DATA_FILE}": pa.Table.from_pylist(sub_rows, schema=SUB_SCHEMA),
     }, previous_fp)
-    return {"shard": shard, "n_images": n, "n_voted": int(v.voted.sum())}
+    return {"shard": shard, "n_images": n, "n_voted": int(v.voted.sum()), "seconds": time.perf_counter() - t0}
 
 
 SUB_SCHEMA = pa.schema([("k", pa.int64()), ("trial", pa.int64()), ("model_id", pa.string()),

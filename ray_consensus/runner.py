@@ -175,22 +175,36 @@ def execute(spec: RunSpec, force: bool = False, progress: bool = True, report: b
 
 
 def run_cluster(spec: RunSpec, store: Store, manifest: Manifest, plan: Plan, progress: bool):
-    """The Ray part: attribution pipeline, then the reducer tasks."""
+    """The Ray part: the attribution pipeline, and each shard's reduce task as soon as the shard's
+    units are all written (shards with nothing to attribute at once), so the reducer runs beside
+    the attributions rather than after them."""
     import ray
 
-    from ray_consensus.pipeline import ShardTask, StageContext, run_attributions
+    from ray_consensus.pipeline import ShardTask, StageContext, light_cpus, run_attributions
     from ray_consensus.reduce import reduce_shard
 
     missing = plan.missing_attributions()
     missing_inputs = set(plan.missing_inputs())
-    timings = {"attributions_s": 0.0, "reduce_s": 0.0}
+    timings = {"attributions_s": 0.0, "reduce_s": 0.0, "reduce_tail_s": 0.0}
     todo_reduce = plan.missing_reduce()
     if not missing and not missing_inputs and not todo_reduce:
         return 0, 0, timings
     init_ray(progress)
-    if missing or missing_inputs:
+    ids = [m.id for m in spec.committee]
+    remote = ray.remote(num_cpus=light_cpus(spec, ray.cluster_resources()), max_retries=3)(reduce_shard)
+    refs, reduce_set = [], set(todo_reduce)
+
+    def start_reduce(s: int) -> None:
+        if s in reduce_set:
+            refs.append(remote.remote(store, s, ids, spec.method, plan.reduce_fp[s],
+                                      plan.done.get(shard_dir("consensus", s)), plan.subsets))
+
+    attribute = sorted(set(missing) | missing_inputs)
+    for s in sorted(set(todo_reduce) - set(attribute)):
+        start_reduce(s)
+    if attribute:
         tasks = []
-        for s in sorted(set(missing) | missing_inputs):
+        for s in attribute:
             rows = plan.manifest[plan.manifest["shard"] == s]
             previous = {f: plan.done[f] for f in
                         [shard_dir("inputs", s)] + [attributions_dir(m, s) for m in missing.get(s, {})]
@@ -202,27 +216,25 @@ def run_cluster(spec: RunSpec, store: Store, manifest: Manifest, plan: Plan, pro
                         for r in rows.itertuples()],
                 inputs_fp=plan.inputs_fp[s], write_inputs=s in missing_inputs, models=missing.get(s, {}),
                 previous=previous))
-        total = len(tasks)
         count = [0]
 
-        def report_progress(row):
+        def shard_done(row):
             count[0] += 1
             if progress:
-                log(f"attributions: shard {row['shard']} done ({count[0]}/{total}; {row['n_images']} images, "
+                log(f"attributions: shard {row['shard']} done ({count[0]}/{len(tasks)}; {row['n_images']} images, "
                     f"{row['n_errors']} errors; models: {row['models'] or '-'})")
+            start_reduce(int(row["shard"]))
 
         ctx = StageContext(spec, manifest.num_classes, store)
-        timings["attributions_s"] = round(run_attributions(ctx, tasks, report_progress), 3)
+        timings["attributions_s"] = round(run_attributions(ctx, tasks, shard_done), 3)
     t0 = time.time()
-    ids = [m.id for m in spec.committee]
-    remote = ray.remote(num_cpus=1, max_retries=3)(reduce_shard)
-    refs = [remote.remote(store, s, ids, spec.method, plan.reduce_fp[s], plan.done.get(shard_dir("consensus", s)),
-                          plan.subsets) for s in todo_reduce]
     for i, ref in enumerate(_as_completed(refs)):
         out = ray.get(ref)
+        timings["reduce_s"] += out["seconds"]
         if progress:
             log(f"reduce: shard {out['shard']} done ({i + 1}/{len(refs)})")
-    timings["reduce_s"] = round(time.time() - t0, 3)
+    timings["reduce_s"] = round(timings["reduce_s"], 3)
+    timings["reduce_tail_s"] = round(time.time() - t0, 3)
     return sum(len(m) for m in missing.values()), len(todo_reduce), timings
 
 

@@ -17,7 +17,8 @@ from torch import nn
 from ray_consensus import superpixels
 from ray_consensus.committee import DataConfig, Preprocess
 from ray_consensus.config import SpecError
-from ray_consensus.lime import (Lime, fit_weighted_ridge, kernel_weights, perturbation_seed, sample_masks)
+from ray_consensus.lime import (Lime, _Perturbations, fill_with_mean_colours, fit_weighted_ridge, kernel_weights,
+                                perturbation_seed, sample_masks)
 
 S = 40
 IMAGENET = DataConfig(input_size=(32, 32), interpolation="bilinear", mean=(0.485, 0.456, 0.406),
@@ -111,7 +112,7 @@ def test_check_params_explains_bad_values():
                          ({"alpha": 0}, "alpha must be a number > 0"),
                          ({"p_keep": 1.0}, "p_keep must be a number strictly between 0 and 1"),
                          ({"kernel_width": "wide"}, "kernel_width must be a number > 0"),
-                         ({"forward_batch": 2.5}, "forward_batch must be an integer >= 1"),
+                         ({"forward_batch": 2.5}, "forward_batch must be an integer >= 1 or 'auto'"),
                          ({"segmentation": "felzenszwalb"}, "segmentation must be one of slic, quickshift"),
                          ({"output": "softmax"}, "output must be"),
                          ({"n_sample": 10}, "unknown parameter 'n_sample'.*n_samples")]:
@@ -242,3 +243,30 @@ def test_committee_shares_superpixels_and_results_do_not_depend_on_the_batch(pho
     other = Lime(n_samples=24, seed=1).explain(model, pre, images[:1], target[:1], seg[:1])
     k = int(segs[0].max()) + 1
     assert not torch.allclose(other["superpixel_weights"][0, :k], a["superpixel_weights"][0, :k])
+
+
+def test_perturbed_inputs_equal_preprocessing_each_perturbed_image(photos):
+    """The product of per-superpixel terms (resizing members) and the per-pixel choice (members at
+    the grid's size) give what preprocessing every perturbed image would."""
+    _, segs, images = photos
+    seg = torch.from_numpy(segs).long()
+    n_features = seg.flatten(1).max(dim=1).values + 1
+    fill = fill_with_mean_colours(images, seg, int(n_features.max()))
+    rows = sample_masks(9, int(n_features.max()), 0.5, torch.Generator().manual_seed(1))
+    for pre in (Preprocess(IMAGENET), Preprocess(DataConfig(input_size=(S, S), interpolation="bicubic",
+                                                            mean=(0.5,) * 3, std=(0.25,) * 3))):
+        perturbed = _Perturbations(pre, images, fill, seg, n_features)
+        for i in range(len(images)):
+            z = rows.clone()
+            z[:, int(n_features[i]):] = False
+            expected = pre(torch.where(z[:, seg[i]][:, None], images[i], fill[i]))
+            torch.testing.assert_close(perturbed(i, z), expected, rtol=0, atol=1e-5)
+
+
+def test_auto_forward_batch_follows_the_device_and_input_size():
+    lime = Lime()
+    assert lime.forward_batch(torch.device("cuda"), (224, 224)) == 256
+    assert lime.forward_batch(torch.device("cpu"), (224, 224)) == 16
+    assert lime.forward_batch(torch.device("cpu"), (96, 96)) == 64
+    assert lime.forward_batch(torch.device("cpu"), (64, 64)) == 128
+    assert Lime(forward_batch=5).forward_batch(torch.device("cpu"), (64, 64)) == 5
