@@ -378,15 +378,17 @@ def scores(root: str) -> dict[tuple[str, str], float]:
 
 
 def storage(work: Path, committee: tuple[dict, RunSpec], memory_run: tuple[RunSpec, dict]) -> None:
+    base, base_info = memory_run
+    n_img, n_models = base_info["counts"]["images"], base_info["counts"]["models"]
+    m = base.run.map_size
+    say(Figure("bytes_per_image_model", attribution_bytes(base.run.output) / (n_img * n_models), ".0f").line())
     info, spec = committee
-    n_img, n_models = info["counts"]["images"], info["counts"]["models"]
-    m = spec.run.map_size
-    say(Figure("bytes_per_image_model", attribution_bytes(spec.run.output) / (n_img * n_models), ".0f").line())
-    note(f"figure 3's run at default storage settings: map {m}x{m} {spec.run.map_dtype} ({m * m * 4} bytes raw), "
-         f"{n_img} images x {n_models} models, Parquet bytes under attributions/")
+    note(f"figure 4's {n_img}-image run at default settings (SmoothGrad, map {m}x{m} {base.run.map_dtype}, "
+         f"{m * m * 4} bytes raw), {n_models} models, Parquet bytes under attributions/; figure 3's LIME run "
+         f"(maps constant on superpixels, {spec.run.map_size} px): "
+         f"{attribution_bytes(spec.run.output) / (info['counts']['images'] * info['counts']['models']):.0f}")
 
     # float16 vs float32: attributions are seeded per unit, so only the stored type differs.
-    base, base_info = memory_run
     half = variant(base, work / "f16-run", run={"map_dtype": "float16"})
     execute(half, progress=False)
     a, b = scores(base.run.output), scores(half.run.output)

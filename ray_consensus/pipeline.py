@@ -174,6 +174,9 @@ class ExplainShard:
         if self.device.type == "cpu":  # Ray sets one thread for a fractional CPU; use the actor's share
             torch.set_num_threads(ctx.torch_threads)
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.resources.autocast)
+        if self.device.type == "cuda":  # torch lets cuDNN use TF32 by default; "none" means float32 throughout
+            torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = \
+                spec.resources.autocast == "tf32"
 
     def __call__(self, batch: dict) -> dict:
         shards = [pickle.loads(payload) for payload in batch["payload"]]
