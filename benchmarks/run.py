@@ -170,7 +170,7 @@ def end_to_end(work: Path, scale: float) -> dict:
     batch = spec.resources.batch_size
     with Monitor() as mb:
         bare, bare_text = fastest(alternate_threads(smoothgrad_batches(model, pre, explainer, pixels, labels, batch),
-                                                    time_cap_s=60 * scale))
+                                                    time_cap_s=45 * scale))
     info, used = timed_execute(spec)
     ratio = (n / used.wall_s) / bare.per_s
     say(Figure("smoothgrad_end_to_end_vs_bare_loop", ratio, ".2f", ">= 0.85", ratio >= 0.85).line())
@@ -299,7 +299,7 @@ def committee_vs_sequential(work: Path, scale: float) -> tuple[dict, RunSpec]:
     steps = committee_lime_images(list(manifest.table["uri"]), list(manifest.table["label"]), models,
                                   Lime(**params).params, spec.run.image_size, spec.run.map_size)
     with Monitor() as ms:
-        seq, seq_text = fastest(alternate_threads(steps, time_cap_s=40 * scale))
+        seq, seq_text = fastest(alternate_threads(steps, time_cap_s=35 * scale))
     info, used = timed_execute(spec)
     ratio = (n / used.wall_s) / seq.per_s
     say(Figure("committee_pipeline_vs_sequential_loop", ratio, ".2f", ">= 3", ratio >= 3).line())
