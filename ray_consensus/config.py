@@ -89,8 +89,8 @@ class ResourcesSpec:
     num_cpus: float | None = _f(None, "CPUs per actor (default: 1 with GPUs; on CPU-only clusters the CPUs "
                                       "shared out so that every member's pool fits at once)")
     batch_size: int = _f(16, "images per forward batch (per member override: committee[].batch_size)")
-    autocast: str = _f("none", "precision on GPU actors: none (float32, TF32 off, so GPU and CPU runs agree), tf32 "
-                               "(float32 storage, TF32 matrix maths), bf16 or fp16 autocast",
+    autocast: str = _f("none", "precision on GPU actors: none (float32 with TF32 off, the closest to CPU runs), "
+                               "tf32 (float32 storage, TF32 matrix maths), bf16 or fp16 autocast",
                         ("none", "tf32", "bf16", "fp16"))
     channels_last: bool = _f(False, "channels_last memory format on GPU actors")
 
