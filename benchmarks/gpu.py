@@ -1,6 +1,6 @@
-"""ray-consensus on one GPU: the GPU path measured and checked, in one short run (about 4 minutes on an H100).
+"""ray-consensus on one GPU: the GPU path measured and checked, in one short run (about 6 minutes on an H100).
 
-    python benchmarks/gpu.py [--keep DIR]
+    python benchmarks/gpu.py [--only N ...] [--keep DIR] [--smoke]
 
 Needs a CUDA device; prints `name: value` lines (ratios measured in this process) with `#` lines
 behind them, like benchmarks/run.py:
@@ -10,8 +10,8 @@ behind them, like benchmarks/run.py:
 2. smoothgrad_bare_loop_gpu               the bare batched SmoothGrad loop: fp32, bf16 autocast, channels_last
 3. smoothgrad_end_to_end_vs_bare_loop_gpu PNG files -> execute() (1 member, num_gpus 1) -> Parquet vs the bare loop
 4. committee_pipeline_vs_sequential_loop_gpu  4 members sharing the GPU (num_gpus 0.25) vs the per-image loop
-5. gpu_vs_cpu_consensus_score_error       the same integrated-gradients run with CPU and with GPU actors:
-                                          scores must agree; bf16 autocast against fp32; SmoothGrad's noise
+5. gpu_vs_cpu_consensus_score_difference  the same integrated-gradients run with CPU and with GPU actors:
+                                          how far scores differ; tf32 and bf16 against it; SmoothGrad (noise per device)
 """
 
 from __future__ import annotations
