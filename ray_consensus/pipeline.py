@@ -44,7 +44,10 @@ class StageContext:
     spec: RunSpec
     num_classes: int
     store: Store
-    torch_threads: int = 1
+    # Set by `size_stages` for the pools of one run:
+    actor_cpus: float = 1.0      # CPUs of each attribution actor
+    light_cpus: float = 1.0      # CPUs of each decode or reduce task
+    torch_threads: int = 1       # torch threads of a CPU actor
 
 
 # ---------------------------------------------------------------- decode (CPU)
@@ -306,13 +309,19 @@ def actor_torch_threads(spec: RunSpec, n_models: int, cluster: dict) -> int:
     return max(1, int(cluster.get("CPU", 1) // max(1, n_models * spec.resources.actors_per_model)))
 
 
-def light_cpus(spec: RunSpec, cluster: dict) -> float:
-    """CPUs of a decode or reduce task. Half an actor's CPU share (at most 1/2 CPU) on CPU-only
-    clusters: small enough to run beside the actors, and unequal to theirs so that Ray Data does
-    not fuse the decode stage into the first member's actors (decode then overlaps explanation,
-    as it does on GPU clusters). Decoding is one thread; 1 CPU where the actors hold GPUs."""
-    cpus = actor_cpus(spec, 1, cluster) if spec.resources.num_cpus is None else spec.resources.num_cpus
-    return min(1.0, cpus) if spec.resources.num_gpus > 0 else max(0.01, min(0.5, cpus / 2))
+def size_stages(ctx: StageContext, n_models: int, cluster: dict) -> None:
+    """Size the run's stages for `n_models` member pools on this cluster (sets ctx's CPUs and threads).
+
+    Decode and reduce tasks get half an actor's CPUs (at most 1/2) on CPU-only clusters: small
+    enough to run beside the actors, and unequal to theirs so that Ray Data does not fuse the
+    decode stage into the first member's actors (decode then overlaps explanation, as it does on
+    GPU clusters). Decoding is one thread: 1 CPU where the actors hold GPUs.
+    """
+    spec = ctx.spec
+    ctx.actor_cpus = actor_cpus(spec, n_models, cluster)
+    ctx.torch_threads = actor_torch_threads(spec, n_models, cluster)
+    ctx.light_cpus = (min(1.0, ctx.actor_cpus) if spec.resources.num_gpus > 0
+                      else max(0.01, min(0.5, ctx.actor_cpus / 2)))
 
 
 def _warn(msg: str) -> None:
@@ -333,8 +342,8 @@ def quiet_ray_data(show_bars: bool) -> None:
 
 
 def run_attributions(ctx: StageContext, tasks: list[ShardTask], on_shard=None) -> float:
-    """Stream the tasks through decode and every model's pool; `on_shard(row)` is called with each
-    shard's summary as soon as all its units are written. Returns wall seconds."""
+    """Stream the tasks through decode and every model's pool (sized by `size_stages`); `on_shard(row)`
+    is called with each shard's summary as soon as all its units are written. Returns wall seconds."""
     import dataclasses
 
     import ray
@@ -345,15 +354,11 @@ def run_attributions(ctx: StageContext, tasks: list[ShardTask], on_shard=None) -
     items = [{"task": json.dumps(dataclasses.asdict(t))} for t in tasks]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     needed = [m.id for m in spec.committee if any(m.id in t.models for t in tasks)]
-    cluster = ray.cluster_resources()
-    cpus = actor_cpus(spec, len(needed), cluster)
-    ctx.torch_threads = actor_torch_threads(spec, len(needed), cluster)
-    ds = ds.map_batches(decode_shards, fn_args=(ctx, not needed), batch_size=1,
-                        num_cpus=light_cpus(spec, cluster))
+    ds = ds.map_batches(decode_shards, fn_args=(ctx, not needed), batch_size=1, num_cpus=ctx.light_cpus)
     for i, model_id in enumerate(needed):
         ds = ds.map_batches(ExplainShard, fn_constructor_args=(ctx, model_id, i == len(needed) - 1), batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=spec.resources.actors_per_model),
-                            num_gpus=spec.resources.num_gpus, num_cpus=cpus)
+                            num_gpus=spec.resources.num_gpus, num_cpus=ctx.actor_cpus)
     for row in ds.iter_rows():
         if on_shard:
             on_shard(row)

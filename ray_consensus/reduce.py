@@ -8,7 +8,6 @@ moves arrays between Parquet and those functions.
 from __future__ import annotations
 
 import time
-
 from dataclasses import dataclass
 
 import numpy as np

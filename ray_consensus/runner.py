@@ -180,7 +180,7 @@ def run_cluster(spec: RunSpec, store: Store, manifest: Manifest, plan: Plan, pro
     the attributions rather than after them."""
     import ray
 
-    from ray_consensus.pipeline import ShardTask, StageContext, light_cpus, run_attributions
+    from ray_consensus.pipeline import ShardTask, StageContext, run_attributions, size_stages
     from ray_consensus.reduce import reduce_shard
 
     missing = plan.missing_attributions()
@@ -190,8 +190,10 @@ def run_cluster(spec: RunSpec, store: Store, manifest: Manifest, plan: Plan, pro
     if not missing and not missing_inputs and not todo_reduce:
         return 0, 0, timings
     init_ray(progress)
+    ctx = StageContext(spec, manifest.num_classes, store)
+    size_stages(ctx, len({m for models in missing.values() for m in models}), ray.cluster_resources())
     ids = [m.id for m in spec.committee]
-    remote = ray.remote(num_cpus=light_cpus(spec, ray.cluster_resources()), max_retries=3)(reduce_shard)
+    remote = ray.remote(num_cpus=ctx.light_cpus, max_retries=3)(reduce_shard)
     refs, reduce_set = [], set(todo_reduce)
 
     def start_reduce(s: int) -> None:
@@ -225,7 +227,6 @@ def run_cluster(spec: RunSpec, store: Store, manifest: Manifest, plan: Plan, pro
                     f"{row['n_errors']} errors; models: {row['models'] or '-'})")
             start_reduce(int(row["shard"]))
 
-        ctx = StageContext(spec, manifest.num_classes, store)
         timings["attributions_s"] = round(run_attributions(ctx, tasks, shard_done), 3)
     t0 = time.time()
     for i, ref in enumerate(_as_completed(refs)):
