@@ -144,11 +144,21 @@ def actor_threads(spec: RunSpec) -> tuple[float, int]:
     """CPUs per attribution actor for this spec on this cluster, and the torch threads it runs with."""
     import ray
 
-    from ray_consensus.pipeline import actor_cpus, actor_torch_threads
+    from ray_consensus.pipeline import StageContext, size_stages
 
-    cluster = ray.cluster_resources()
-    return (actor_cpus(spec, len(spec.committee), cluster),
-            actor_torch_threads(spec, len(spec.committee), cluster))
+    ctx = StageContext(spec, 0, None)
+    size_stages(ctx, len(spec.committee), ray.cluster_resources())
+    return ctx.actor_cpus, ctx.torch_threads
+
+
+def pipeline_vs_loop(spec: RunSpec, n: int, steps, time_cap_s: float):
+    """Figures 1 and 3: the baseline loop's steps timed by `alternate_threads`, then `execute(spec)`
+    on the same n images. Returns (pipeline img/s / the faster loop's, the loop's text, the loop's
+    Usage, run.json, the pipeline's Usage)."""
+    with Monitor() as m:
+        best, text = fastest(alternate_threads(steps, time_cap_s=time_cap_s))
+    info, used = timed_execute(spec)
+    return (n / used.wall_s) / best.per_s, text, m.usage, info, used
 
 
 def image_set(work: Path, name: str, n: int, masks: bool) -> Path:
@@ -168,11 +178,8 @@ def end_to_end(work: Path, scale: float) -> dict:
     model, pre = load_member(spec.committee[0], manifest.num_classes)
     explainer = EXPLAINERS["smoothgrad"](**spec.explainer.params)
     batch = spec.resources.batch_size
-    with Monitor() as mb:
-        bare, bare_text = fastest(alternate_threads(smoothgrad_batches(model, pre, explainer, pixels, labels, batch),
-                                                    time_cap_s=45 * scale))
-    info, used = timed_execute(spec)
-    ratio = (n / used.wall_s) / bare.per_s
+    ratio, bare_text, bare_usage, info, used = pipeline_vs_loop(
+        spec, n, smoothgrad_batches(model, pre, explainer, pixels, labels, batch), time_cap_s=45 * scale)
     say(Figure("smoothgrad_end_to_end_vs_bare_loop", ratio, ".2f", ">= 0.85", ratio >= 0.85).line())
     cpus, threads = actor_threads(spec)
     note(f"{n} PNG images {PHOTO[1]}x{PHOTO[0]} -> {spec.run.image_size} px crops; resnet10t (random init, input "
@@ -183,7 +190,7 @@ def end_to_end(work: Path, scale: float) -> dict:
          f"report (Ray itself started earlier); actor: {cpus:g} CPU -> {threads} torch thread(s); {cpu_text(used)}")
     note(f"run.json timings: {timings_text(info)}")
     note(f"bare loop (pre-decoded images, explain() only, warm): {bare_text}; the faster is the denominator; "
-         f"{cpu_text(mb.usage)}")
+         f"{cpu_text(bare_usage)}")
     return info
 
 
@@ -298,10 +305,7 @@ def committee_vs_sequential(work: Path, scale: float) -> tuple[dict, RunSpec]:
     models = [load_member(m, manifest.num_classes) for m in spec.committee]
     steps = committee_lime_images(list(manifest.table["uri"]), list(manifest.table["label"]), models,
                                   Lime(**params).params, spec.run.image_size, spec.run.map_size)
-    with Monitor() as ms:
-        seq, seq_text = fastest(alternate_threads(steps, time_cap_s=35 * scale))
-    info, used = timed_execute(spec)
-    ratio = (n / used.wall_s) / seq.per_s
+    ratio, seq_text, seq_usage, info, used = pipeline_vs_loop(spec, n, steps, time_cap_s=35 * scale)
     say(Figure("committee_pipeline_vs_sequential_loop", ratio, ".2f", ">= 3", ratio >= 3).line())
     cpus, threads = actor_threads(spec)
     note(f"{n} PNG images with masks; the demo's committee (7 architectures at their trained input sizes, random "
@@ -312,7 +316,7 @@ def committee_vs_sequential(work: Path, scale: float) -> tuple[dict, RunSpec]:
          f"included); run.json: {timings_text(info)}; {cpu_text(used)}")
     note(f"sequential loop (per image: decode, superpixels, each model in turn through captum Lime.attribute with "
          f"its default perturbations_per_eval=1 and the same masks, vote, score): {seq_text}; the faster is the "
-         f"denominator; {cpu_text(ms.usage)}")
+         f"denominator; {cpu_text(seq_usage)}")
     return info, spec
 
 
