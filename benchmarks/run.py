@@ -128,9 +128,9 @@ def load_member(member: MemberSpec, num_classes: int) -> tuple[torch.nn.Module, 
     return model, Preprocess(member_data_config(model))
 
 
-def timed_execute(spec: RunSpec, interval_s: float = 0.5) -> tuple[dict, Usage]:
-    """execute() under a Monitor: run.json and what the run used (wall time, memory, CPU)."""
-    with Monitor(interval_s) as m:
+def timed_execute(spec: RunSpec, interval_s: float = 2.0, memory: bool = False) -> tuple[dict, Usage]:
+    """execute() under a Monitor: run.json and what the run used (wall time, CPU; memory if asked)."""
+    with Monitor(interval_s, memory) as m:
         info = execute(spec, progress=False)
     return info, m.usage
 
@@ -155,7 +155,7 @@ def pipeline_vs_loop(spec: RunSpec, n: int, steps, time_cap_s: float):
     """Figures 1 and 3: the baseline loop's steps timed by `alternate_threads`, then `execute(spec)`
     on the same n images. Returns (pipeline img/s / the faster loop's, the loop's text, the loop's
     Usage, run.json, the pipeline's Usage)."""
-    with Monitor() as m:
+    with Monitor(2.0, memory=False) as m:
         best, text = fastest(alternate_threads(steps, time_cap_s=time_cap_s))
     info, used = timed_execute(spec)
     return (n / used.wall_s) / best.per_s, text, m.usage, info, used
@@ -332,7 +332,7 @@ def memory_growth(work: Path, scale: float) -> tuple[RunSpec, dict]:
         data = image_set(work, f"mem-data-{count}", count, masks=True)
         spec = spec_for(data, work / f"mem-run-{count}", [f"{a}@random" for a in MEMORY_COMMITTEE], {"n_samples": 2},
                         run={"shard_size": 16})
-        runs[count] = (spec, *timed_execute(spec, interval_s=0.1))
+        runs[count] = (spec, *timed_execute(spec, interval_s=0.1, memory=True))
     small, big = runs[n][2], runs[10 * n][2]
     growth = big.peak_rss_bytes / small.peak_rss_bytes - 1
     say(Figure("peak_memory_growth_10x_images", growth, ".1%", "< 20%", growth < 0.20).line())

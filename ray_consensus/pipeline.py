@@ -14,6 +14,7 @@ can start its reduce) without receiving its pixels.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sys
 import time
@@ -44,6 +45,7 @@ class StageContext:
     spec: RunSpec
     num_classes: int
     store: Store
+    segmentation: dict | None = None  # superpixel settings when the explainer needs them (`segmentation_of`)
     # Set by `size_stages` for the pools of one run:
     actor_cpus: float = 1.0      # CPUs of each attribution actor
     light_cpus: float = 1.0      # CPUs of each decode or reduce task
@@ -70,20 +72,29 @@ def summarise(shards: list[dict]) -> dict:
             "models": np.array([",".join(sorted(s["task"].models)) for s in shards], dtype=object)}
 
 
+def segmentation_of(spec: RunSpec) -> dict | None:
+    """The explainer's superpixel settings (method, n_segments, compactness, seed), or None when it
+    needs no superpixels. Decided on the driver: decode workers then never import torch."""
+    from ray_consensus.explainers import EXPLAINERS
+
+    explainer = EXPLAINERS[spec.explainer.name]
+    if not explainer.needs_segments:
+        return None
+    p = {**explainer.defaults, **spec.explainer.params}
+    return {"method": p["segmentation"], "n_segments": int(p["n_segments"]), "compactness": float(p["compactness"]),
+            "seed": int(p["seed"])}
+
+
 class DecodeShard:
     def __init__(self, ctx: StageContext):
-        from ray_consensus.explainers import EXPLAINERS
-
         self.ctx = ctx
-        self.explainer_cls = EXPLAINERS[ctx.spec.explainer.name]
 
     def decode(self, task: ShardTask) -> dict:
         from ray_consensus.data import DecodeError, decode_image, decode_mask, image_size_of
         from ray_consensus.storage import read_uri_bytes
 
-        spec = self.ctx.spec
+        spec, seg_params = self.ctx.spec, self.ctx.segmentation
         size, map_size = spec.run.image_size, spec.run.map_size
-        params = {**self.explainer_cls.defaults, **spec.explainer.params}
         good, images, masks, segments, errors = [], [], [], [], []
         for item in task.images:
             def fail(stage, reason):
@@ -111,11 +122,10 @@ class DecodeShard:
             good.append(item)
             images.append(image)
             masks.append(mask)
-            if self.explainer_cls.needs_segments:
+            if seg_params is not None:
                 from ray_consensus.superpixels import segment
 
-                segments.append(segment(image, params["segmentation"], int(params["n_segments"]),
-                                        float(params["compactness"]), seed=int(params["seed"])))
+                segments.append(segment(image, **seg_params))
         stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8)
         seg = np.stack(segments) if segments else None
         if task.write_inputs:
@@ -155,6 +165,11 @@ class ExplainShard:
     """Holds one committee member on the actor's device; explains whole shards."""
 
     def __init__(self, ctx: StageContext, model_id: str, last: bool):
+        if ctx.spec.resources.num_gpus == 0:
+            # A CPU actor shares its cores with decode and reduce tasks and Ray's own processes: OpenMP
+            # threads that spin while they wait take CPU from those (5% of the actor's CPU time in
+            # benchmark figure 1). Read once, when torch loads OpenMP; a value set by the user wins.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch
 
         from ray_consensus.committee import Preprocess, create_member_model, member_data_config
@@ -359,7 +374,9 @@ def run_attributions(ctx: StageContext, tasks: list[ShardTask], on_shard=None) -
         ds = ds.map_batches(ExplainShard, fn_constructor_args=(ctx, model_id, i == len(needed) - 1), batch_size=1,
                             compute=ray.data.ActorPoolStrategy(size=spec.resources.actors_per_model),
                             num_gpus=spec.resources.num_gpus, num_cpus=ctx.actor_cpus)
-    for row in ds.iter_rows():
-        if on_shard:
-            on_shard(row)
+    # No prefetching: with it, Ray Data hands over each shard's summary only once the next shard is done.
+    for batch in ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy"):
+        for i in range(len(batch["shard"])):
+            if on_shard:
+                on_shard({k: v[i] for k, v in batch.items()})
     return time.time() - t0

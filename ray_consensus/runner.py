@@ -180,7 +180,7 @@ def run_cluster(spec: RunSpec, store: Store, manifest: Manifest, plan: Plan, pro
     the attributions rather than after them."""
     import ray
 
-    from ray_consensus.pipeline import ShardTask, StageContext, run_attributions, size_stages
+    from ray_consensus.pipeline import ShardTask, StageContext, run_attributions, segmentation_of, size_stages
     from ray_consensus.reduce import reduce_shard
 
     missing = plan.missing_attributions()
@@ -190,7 +190,7 @@ def run_cluster(spec: RunSpec, store: Store, manifest: Manifest, plan: Plan, pro
     if not missing and not missing_inputs and not todo_reduce:
         return 0, 0, timings
     init_ray(progress)
-    ctx = StageContext(spec, manifest.num_classes, store)
+    ctx = StageContext(spec, manifest.num_classes, store, segmentation_of(spec))
     size_stages(ctx, len({m for models in missing.values() for m in models}), ray.cluster_resources())
     ids = [m.id for m in spec.committee]
     remote = ray.remote(num_cpus=ctx.light_cpus, max_retries=3)(reduce_shard)

@@ -270,3 +270,41 @@ def test_auto_forward_batch_follows_the_device_and_input_size():
     assert lime.forward_batch(torch.device("cpu"), (96, 96)) == 64
     assert lime.forward_batch(torch.device("cpu"), (64, 64)) == 128
     assert Lime(forward_batch=5).forward_batch(torch.device("cpu"), (64, 64)) == 5
+
+
+def test_decode_stage_computes_the_explainers_superpixels_without_loading_torch(tmp_path):
+    """Decode workers segment with the LIME params the driver resolved (defaults + spec) and never
+    import torch: its import would cost every decode worker seconds of CPU beside the actors."""
+    import pickle
+    import subprocess
+    import sys
+
+    from imagesets import make_image_folder, tiny_spec
+
+    from ray_consensus.config import parse_spec
+    from ray_consensus.data import read_manifest
+    from ray_consensus.pipeline import ShardTask, StageContext, segmentation_of
+
+    data = make_image_folder(tmp_path / "data", n_classes=1, per_class=2, size=(48, 48), masks=False)
+    spec = tiny_spec(data, str(tmp_path / "run"), models=("a=resnet10t@random",))
+    assert segmentation_of(parse_spec(spec)) is None  # SmoothGrad needs no superpixels
+    spec["explainer"] = {"name": "lime", "params": {"n_segments": 12, "compactness": 5.0}}
+    spec = parse_spec(spec)
+    ctx = StageContext(spec, 1, None, segmentation_of(spec))
+    assert ctx.segmentation == {"method": "slic", "n_segments": 12, "compactness": 5.0, "seed": 0}
+    images = [{"image_id": r.image_id, "uri": r.uri, "label": 0, "mask_uri": None}
+              for r in read_manifest(spec.dataset).table.itertuples()]
+    (tmp_path / "stage.pkl").write_bytes(pickle.dumps((ctx, ShardTask(0, images, "fp", False, {}, {}))))
+    code = """
+import pickle, sys
+from ray_consensus.pipeline import DecodeShard
+ctx, task = pickle.loads(open(sys.argv[1], "rb").read())  # as a Ray worker receives them
+out = DecodeShard(ctx).decode(task)
+pickle.dump((out["pixels"], out["segments"], "torch" in sys.modules), open(sys.argv[1], "wb"))
+"""
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "stage.pkl")], check=True)
+    pixels, segments, torch_loaded = pickle.loads((tmp_path / "stage.pkl").read_bytes())
+    assert not torch_loaded, "the decode stage imported torch"
+    assert len(pixels) == 2
+    expected = [superpixels.segment(p, "slic", n_segments=12, compactness=5.0, seed=0) for p in pixels]
+    np.testing.assert_array_equal(segments, np.stack(expected))
