@@ -55,7 +55,8 @@ def thread_settings() -> list[int]:
     return sorted({1, DEFAULT_THREADS})
 
 
-def alternate_threads(steps: list[Callable[[], int]], time_cap_s: float) -> dict[int, Throughput]:
+def alternate_threads(steps: list[Callable[[], int]], time_cap_s: float,
+                      warm_up: bool = True) -> dict[int, Throughput]:
     """Run `steps` in order (each processes some images and returns how many), each at the torch
     thread count of `thread_settings()` that has run for the least time so far; return each
     count's throughput.
@@ -63,10 +64,12 @@ def alternate_threads(steps: list[Callable[[], int]], time_cap_s: float) -> dict
     Interleaving exposes every count to the same machine load, and sharing the time equally (not
     the steps) keeps a count that stalls (2 threads at batch 1 while another process holds a
     core) from eating the budget, without judging it on one step. `steps[0]` is run once untimed
-    first (warm-up). Stops at `time_cap_s` (between steps). Leaves torch at its default count.
+    first (warm-up; `warm_up=False` where the steps already ran in this process). Stops at
+    `time_cap_s` (between steps). Leaves torch at its default count.
     """
     done, spent = dict.fromkeys(thread_settings(), 0), dict.fromkeys(thread_settings(), 0.0)
-    steps[0]()
+    if warm_up:
+        steps[0]()
     for step in steps:
         threads = min(spent, key=spent.get)
         torch.set_num_threads(threads)
@@ -77,6 +80,16 @@ def alternate_threads(steps: list[Callable[[], int]], time_cap_s: float) -> dict
             break
     torch.set_num_threads(DEFAULT_THREADS)
     return {t: Throughput(done[t], spent[t], t) for t in done if done[t]}
+
+
+def merged(*runs: dict[int, Throughput]) -> dict[int, Throughput]:
+    """`alternate_threads` results of several sittings, summed per thread count."""
+    out: dict[int, Throughput] = {}
+    for run in runs:
+        for t, tp in run.items():
+            prev = out.get(t, Throughput(0, 0.0, t))
+            out[t] = Throughput(prev.images + tp.images, prev.seconds + tp.seconds, t)
+    return out
 
 
 # ---------------------------------------------------------------- figure 1

@@ -106,3 +106,12 @@ class Monitor:
         wall = time.perf_counter() - self._t0
         others = max(0.0, self._busy_s() - self._busy0 - self._ours_s)
         self.usage = Usage(wall, *self._peak, self._ours_s / wall, others / wall, self._samples)
+
+
+def combined(*usages: Usage) -> Usage:
+    """Several monitored sittings as one: wall times summed, cores averaged over them, the largest peak."""
+    wall = sum(u.wall_s for u in usages)
+    peak = max(usages, key=lambda u: u.peak_rss_bytes)
+    return Usage(wall, peak.peak_rss_bytes, max(u.peak_pss_bytes for u in usages), peak.peak_processes,
+                 peak.peak_driver_rss_bytes, sum(u.ours_cores * u.wall_s for u in usages) / wall,
+                 sum(u.others_cores * u.wall_s for u in usages) / wall, sum(u.samples for u in usages))
