@@ -450,7 +450,8 @@ def header(scale: float) -> None:
         f"timm {timm.__version__}, captum {captum.__version__}, ray {ray.__version__}")
     say("# Ray: ray.init(address='local', num_cpus=2) once, before any timing; a pipeline time is the wall time of "
         "execute() and includes actor start-up. Baselines run in this process, warm, at 1 torch thread and at the "
-        "default, interleaved, the faster counting (figure 2: both sides so). "
+        "default, interleaved, the faster counting (figure 2: both sides so); figures 1 and 3 time theirs half "
+        "before and half after the pipeline run. "
         "'other processes': CPU used meanwhile by anything not started by this benchmark.")
     say("# compares: 1 end to end (PNG -> execute(), 1 member -> Parquet) vs the same explainer in a bare batched "
         "loop on pre-decoded images | 2 batched LIME vs captum Lime per image (same masks, fill, kernel, surrogate) | "
