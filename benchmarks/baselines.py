@@ -33,7 +33,7 @@ from ray_consensus.committee import Preprocess, resample_maps
 from ray_consensus.data import decode_image
 from ray_consensus.explainers import Explainer, ScoreModel
 from ray_consensus.lime import fill_with_mean_colours, fit_weighted_ridge, perturbation_seed, sample_masks
-from ray_consensus.superpixels import segment
+from ray_consensus.superpixels import segment, segment_settings
 
 
 @dataclass
@@ -126,8 +126,7 @@ def committee_lime_images(files: list[str], labels: list[int], models: list[tupl
     def step(path: str, label: int) -> int:
         with open(path, "rb") as f:
             rgb = decode_image(f.read(), image_size)
-        seg = torch.from_numpy(segment(rgb, params["segmentation"], int(params["n_segments"]),
-                                       float(params["compactness"]), seed=int(params["seed"]))).long()[None].to(device)
+        seg = torch.from_numpy(segment(rgb, **segment_settings(params))).long()[None].to(device)
         image = to_batch(rgb[None]).to(device)
         masks = lime_masks(image, seg, int(params["n_samples"]), float(params["p_keep"]), int(params["seed"]))
         fill = fill_with_mean_colours(image, seg, int(seg.max()) + 1)

@@ -40,7 +40,7 @@ from ray_consensus.data import decode_image, read_manifest  # noqa: E402
 from ray_consensus.explainers import EXPLAINERS  # noqa: E402
 from ray_consensus.lime import Lime, fill_with_mean_colours  # noqa: E402
 from ray_consensus.runner import execute  # noqa: E402
-from ray_consensus.superpixels import segment  # noqa: E402
+from ray_consensus.superpixels import segment, segment_settings  # noqa: E402
 
 DEV = "cuda"
 SMOKE = False  # --smoke: tiny sizes on the CPU, to check this script where no GPU is
@@ -74,8 +74,7 @@ def lime_gpu(work: Path) -> None:
     lime = Lime(n_samples=size(1000, 50), output="logit")
     p = lime.params
     rgb = np.stack([decode_image(Path(u).read_bytes(), 224) for u in manifest.table["uri"]])
-    seg = torch.from_numpy(np.stack([segment(x, p["segmentation"], p["n_segments"], p["compactness"])
-                                     for x in rgb])).long().to(DEV)
+    seg = torch.from_numpy(np.stack([segment(x, **segment_settings(p)) for x in rgb])).long().to(DEV)
     images = to_batch(rgb).to(DEV)
     target = torch.tensor(manifest.table["label"].to_numpy(np.int64), device=DEV)
     masks = lime_masks(images, seg, int(p["n_samples"]), float(p["p_keep"]), int(p["seed"]))

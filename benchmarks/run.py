@@ -52,7 +52,7 @@ from ray_consensus.demo import DEMO_COMMITTEE, model_kwargs  # noqa: E402
 from ray_consensus.explainers import EXPLAINERS  # noqa: E402
 from ray_consensus.lime import Lime, fill_with_mean_colours  # noqa: E402
 from ray_consensus.runner import execute, make_plan, preflight  # noqa: E402
-from ray_consensus.superpixels import segment  # noqa: E402
+from ray_consensus.superpixels import segment, segment_settings  # noqa: E402
 
 PHOTO = (240, 320)  # (h, w) of the generated PNGs: decoded, resized and cropped like real photos
 
@@ -162,7 +162,7 @@ def pipeline_vs_loop(spec: RunSpec, n: int, steps, time_cap_s: float):
     with Monitor(2.0, memory=False) as after:
         second = alternate_threads(steps, time_cap_s=time_cap_s / 2, warm_up=False)
     best, text = fastest(merged(first, second))
-    halves = " / ".join(f"{max(r.values(), key=lambda tp: tp.per_s).per_s:.2f}" for r in (first, second))
+    halves = " / ".join(f"{fastest(r)[0].per_s:.2f}" for r in (first, second))
     return ((n / used.wall_s) / best.per_s, f"{text} (fastest before / after the pipeline: {halves} img/s)",
             combined(before.usage, after.usage), info, used)
 
@@ -222,8 +222,7 @@ def lime_vs_captum(work: Path, scale: float) -> None:
         """Images on a `grid` px crop, their superpixels exactly as the decode stage computes them,
         the masks our LIME draws, and the mean-colour fill."""
         rgb = np.stack([decode_image(Path(u).read_bytes(), grid) for u in manifest.table["uri"]])
-        segments = torch.from_numpy(np.stack([segment(x, p["segmentation"], p["n_segments"], p["compactness"],
-                                                      seed=p["seed"]) for x in rgb])).long()
+        segments = torch.from_numpy(np.stack([segment(x, **segment_settings(p)) for x in rgb])).long()
         images = to_batch(rgb)
         masks = lime_masks(images, segments, int(p["n_samples"]), float(p["p_keep"]), int(p["seed"]))
         return images, segments, masks, fill_with_mean_colours(images, segments, int(segments.max()) + 1)

@@ -76,13 +76,12 @@ def segmentation_of(spec: RunSpec) -> dict | None:
     """The explainer's superpixel settings (method, n_segments, compactness, seed), or None when it
     needs no superpixels. Decided on the driver: decode workers then never import torch."""
     from ray_consensus.explainers import EXPLAINERS
+    from ray_consensus.superpixels import segment_settings
 
     explainer = EXPLAINERS[spec.explainer.name]
     if not explainer.needs_segments:
         return None
-    p = {**explainer.defaults, **spec.explainer.params}
-    return {"method": p["segmentation"], "n_segments": int(p["n_segments"]), "compactness": float(p["compactness"]),
-            "seed": int(p["seed"])}
+    return segment_settings({**explainer.defaults, **spec.explainer.params})
 
 
 class DecodeShard:
