@@ -6,7 +6,7 @@
   image, decode it, explain it with every model one after another (captum's `Lime` with its
   defaults), then vote (figure 3's denominator).
 * `captum_lime`: captum's `Lime`, one call per image, fed the perturbation masks, mean-colour
-  fill, kernel and ridge surrogate of `ray_consensus.lime` (figure 2's denominator).
+  fill, kernel and ridge surrogate of `ray_consensus.explainers.lime` (figure 2's denominator).
 
 The two loops are lists of steps (a batch, an image) for `alternate_threads`, which times them
 at 1 torch thread and at torch's default, interleaved, and stops at a time cap between steps:
@@ -32,8 +32,9 @@ from ray_consensus import consensus as cm
 from ray_consensus.committee import Preprocess, resample_maps
 from ray_consensus.data import decode_image
 from ray_consensus.explainers import Explainer, ScoreModel
-from ray_consensus.lime import fill_with_mean_colours, fit_weighted_ridge, perturbation_seed, sample_masks
-from ray_consensus.superpixels import segment, segment_settings
+from ray_consensus.explainer_params import LimeParams
+from ray_consensus.explainers.lime import fill_with_mean_colours, fit_weighted_ridge, perturbation_seed, sample_masks
+from ray_consensus.superpixels import segment
 
 
 @dataclass
@@ -118,7 +119,7 @@ def smoothgrad_batches(model: nn.Module, preprocess: Preprocess, explainer: Expl
 # ---------------------------------------------------------------- figure 3
 
 def committee_lime_images(files: list[str], labels: list[int], models: list[tuple[nn.Module, Preprocess]],
-                          params: dict, image_size: int, map_size: int, device: str = "cpu") -> list[Callable[[], int]]:
+                          params: LimeParams, image_size: int, map_size: int, device: str = "cpu") -> list[Callable[[], int]]:
     """The sequential loop as steps, one per image: read and decode the file, compute its
     superpixels, explain it with every model one after another through captum's `Lime` (one call
     per image, captum's default perturbations_per_eval=1, the masks our LIME would draw), paint the
@@ -126,9 +127,9 @@ def committee_lime_images(files: list[str], labels: list[int], models: list[tupl
     def step(path: str, label: int) -> int:
         with open(path, "rb") as f:
             rgb = decode_image(f.read(), image_size)
-        seg = torch.from_numpy(segment(rgb, **segment_settings(params))).long()[None].to(device)
+        seg = torch.from_numpy(segment(rgb, **params.segment_settings())).long()[None].to(device)
         image = to_batch(rgb[None]).to(device)
-        masks = lime_masks(image, seg, int(params["n_samples"]), float(params["p_keep"]), int(params["seed"]))
+        masks = lime_masks(image, seg, params.n_samples, params.p_keep, params.seed)
         fill = fill_with_mean_colours(image, seg, int(seg.max()) + 1)
         target = torch.tensor([label], device=device)
         maps = [resample_maps(captum_lime(model, pre, image, seg, target, masks, fill, params, 1)[0]
@@ -144,7 +145,7 @@ def committee_lime_images(files: list[str], labels: list[int], models: list[tupl
 # ---------------------------------------------------------------- figure 2
 
 def lime_masks(images: Tensor, segments: Tensor, n_samples: int, p_keep: float, seed: int) -> list[Tensor]:
-    """The perturbation masks `ray_consensus.lime.Lime` draws for each image: bool (n_samples, K_i).
+    """The perturbation masks `ray_consensus.explainers.lime.Lime` draws for each image: bool (n_samples, K_i).
 
     images float (B, 3, S, S) in [0, 1], segments int64 (B, S, S) ids 0..K_i-1.
     """
@@ -158,7 +159,7 @@ def lime_masks(images: Tensor, segments: Tensor, n_samples: int, p_keep: float, 
 
 
 class RidgeSurrogate(Model):
-    """captum interpretable model: `ray_consensus.lime.fit_weighted_ridge` on one image's samples."""
+    """captum interpretable model: `ray_consensus.explainers.lime.fit_weighted_ridge` on one image's samples."""
 
     def __init__(self, alpha: float):
         self.alpha, self.beta = alpha, None
@@ -176,20 +177,20 @@ class RidgeSurrogate(Model):
 
 
 def captum_lime(model: nn.Module, preprocess: Preprocess, images: Tensor, segments: Tensor, target: Tensor,
-                masks: list[Tensor], fill: Tensor, params: dict, perturbations_per_eval: int) -> list[Tensor]:
+                masks: list[Tensor], fill: Tensor, params: LimeParams, perturbations_per_eval: int) -> list[Tensor]:
     """captum `Lime.attribute` once per image -> per-superpixel weights, float64 (K_i,) each.
 
     images float (B, 3, S, S), segments int64 (B, S, S), target (B,), masks from `lime_masks`,
     fill float (B, 3, S, S) the mean-colour image (captum's baseline: hidden superpixels show it).
     """
-    score_model = ScoreModel(model, params["output"])
-    cosine = get_exp_kernel_similarity_function("cosine", kernel_width=float(params["kernel_width"]))
+    score_model = ScoreModel(model, params.output)
+    cosine = get_exp_kernel_similarity_function("cosine", kernel_width=params.kernel_width)
     out = []
     for i in range(len(images)):
         def perturb(_inputs, _rows=masks[i].to(images.device), **kwargs):
             yield from (row[None].long() for row in _rows)
 
-        lime = Lime(lambda x: score_model(preprocess(x)), interpretable_model=RidgeSurrogate(float(params["alpha"])),
+        lime = Lime(lambda x: score_model(preprocess(x)), interpretable_model=RidgeSurrogate(params.alpha),
                     # LIME's kernel: cosine distance of the binary mask to the all-ones mask.
                     similarity_func=lambda _x, _p, z, **kw: cosine(torch.ones_like(z), z, None),
                     perturb_func=perturb)

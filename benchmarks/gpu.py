@@ -37,10 +37,10 @@ from run import (PHOTO, Figure, image_set, load_member, note, say, scores, spec_
 
 from ray_consensus.config import DatasetSpec, MemberSpec, parse_member  # noqa: E402
 from ray_consensus.data import decode_image, read_manifest  # noqa: E402
-from ray_consensus.explainers import EXPLAINERS  # noqa: E402
-from ray_consensus.lime import Lime, fill_with_mean_colours  # noqa: E402
+from ray_consensus.explainers import create_explainer  # noqa: E402
+from ray_consensus.explainers.lime import Lime, fill_with_mean_colours  # noqa: E402
 from ray_consensus.runner import execute  # noqa: E402
-from ray_consensus.superpixels import segment, segment_settings  # noqa: E402
+from ray_consensus.superpixels import segment  # noqa: E402
 
 DEV = "cuda"
 SMOKE = False  # --smoke: tiny sizes on the CPU, to check this script where no GPU is
@@ -74,10 +74,10 @@ def lime_gpu(work: Path) -> None:
     lime = Lime(n_samples=size(1000, 50), output="logit")
     p = lime.params
     rgb = np.stack([decode_image(Path(u).read_bytes(), 224) for u in manifest.table["uri"]])
-    seg = torch.from_numpy(np.stack([segment(x, **segment_settings(p)) for x in rgb])).long().to(DEV)
+    seg = torch.from_numpy(np.stack([segment(x, **p.segment_settings()) for x in rgb])).long().to(DEV)
     images = to_batch(rgb).to(DEV)
     target = torch.tensor(manifest.table["label"].to_numpy(np.int64), device=DEV)
-    masks = lime_masks(images, seg, int(p["n_samples"]), float(p["p_keep"]), int(p["seed"]))
+    masks = lime_masks(images, seg, p.n_samples, p.p_keep, p.seed)
     fill = fill_with_mean_colours(images, seg, int(seg.max()) + 1)
     for arch in ("mobilenetv3_small_050", "resnet50")[:size(2, 1)]:
         model, pre = on_gpu(f"m={arch}@random", manifest.num_classes)
@@ -98,7 +98,7 @@ def lime_gpu(work: Path) -> None:
         largest = max(float(w.abs().max()) for w in theirs)
         bf16_diff = float((half - ours).nan_to_num().abs().max())
         say(Figure(f"lime_batched_vs_captum_per_image_gpu_{arch}", t_captum / t_ours, ".1f").line())
-        note(f"{len(images)} images 224 px, {arch} (random init), {p['n_samples']} samples, SLIC {p['n_segments']}: ours fp32 "
+        note(f"{len(images)} images 224 px, {arch} (random init), {p.n_samples} samples, SLIC {p.n_segments}: ours fp32 "
              f"{t_ours:.2f} s (forward batch {lime.forward_batch(torch.device(DEV), pre.size)}), bf16 autocast "
              f"{t_half:.2f} s; captum per image (perturbations_per_eval=1) {t_captum:.2f} s; max |ours - captum| "
              f"{diff:.1e} (largest weight {largest:.1e}); bf16 vs fp32 weights max diff {bf16_diff:.1e}")
@@ -115,7 +115,7 @@ def smoothgrad_gpu(work: Path) -> None:
     pixels = np.stack([decode_image(Path(u).read_bytes(), spec.run.image_size) for u in manifest.table["uri"]])
     labels = manifest.table["label"].to_numpy(np.int64)
     model, pre = on_gpu("m=resnet50@random", manifest.num_classes)
-    explainer = EXPLAINERS["smoothgrad"](**spec.explainer.params)
+    explainer = create_explainer(spec.explainer.params)
     rates = {}
     for name, dtype, layout in (("fp32", None, False), ("bf16", torch.bfloat16, False),
                                 ("bf16+channels_last", torch.bfloat16, True)):

@@ -49,10 +49,12 @@ from ray_consensus.committee import Preprocess, create_member_model, member_data
 from ray_consensus.config import DatasetSpec, MemberSpec, RunSpec, parse_member, parse_spec  # noqa: E402
 from ray_consensus.data import decode_image, read_manifest  # noqa: E402
 from ray_consensus.demo import DEMO_COMMITTEE, model_kwargs  # noqa: E402
-from ray_consensus.explainers import EXPLAINERS  # noqa: E402
-from ray_consensus.lime import Lime, fill_with_mean_colours  # noqa: E402
-from ray_consensus.runner import execute, make_plan, preflight  # noqa: E402
-from ray_consensus.superpixels import segment, segment_settings  # noqa: E402
+from ray_consensus.explainers import create_explainer  # noqa: E402
+from ray_consensus.explainers.lime import Lime, fill_with_mean_colours  # noqa: E402
+from ray_consensus.plan import make_plan  # noqa: E402
+from ray_consensus.preflight import preflight  # noqa: E402
+from ray_consensus.runner import execute  # noqa: E402
+from ray_consensus.superpixels import segment  # noqa: E402
 
 PHOTO = (240, 320)  # (h, w) of the generated PNGs: decoded, resized and cropped like real photos
 
@@ -182,14 +184,14 @@ def end_to_end(work: Path, scale: float) -> dict:
     pixels = np.stack([decode_image(Path(u).read_bytes(), spec.run.image_size) for u in manifest.table["uri"]])
     labels = manifest.table["label"].to_numpy(np.int64)
     model, pre = load_member(spec.committee[0], manifest.num_classes)
-    explainer = EXPLAINERS["smoothgrad"](**spec.explainer.params)
+    explainer = create_explainer(spec.explainer.params)
     batch = spec.resources.batch_size
     ratio, bare_text, bare_usage, info, used = pipeline_vs_loop(
         spec, n, smoothgrad_batches(model, pre, explainer, pixels, labels, batch), time_cap_s=45 * scale)
     say(Figure("smoothgrad_end_to_end_vs_bare_loop", ratio, ".2f", ">= 0.85", ratio >= 0.85).line())
     cpus, threads = actor_threads(spec)
     note(f"{n} PNG images {PHOTO[1]}x{PHOTO[0]} -> {spec.run.image_size} px crops; resnet10t (random init, input "
-         f"{pre.size[0]} px), SmoothGrad n_samples={spec.explainer.params['n_samples']}, batch {batch}, "
+         f"{pre.size[0]} px), SmoothGrad n_samples={spec.explainer.params.n_samples}, batch {batch}, "
          f"shard_size {spec.run.shard_size}, map {spec.run.map_size} px float32")
     note(f"end to end: {n / used.wall_s:.2f} img/s = {n} images / {used.wall_s:.1f} s, the wall time of execute(): "
          f"preflight, plan, actor start-up (process, imports, model), decode, explain, Parquet, reduce, tables, "
@@ -222,9 +224,9 @@ def lime_vs_captum(work: Path, scale: float) -> None:
         """Images on a `grid` px crop, their superpixels exactly as the decode stage computes them,
         the masks our LIME draws, and the mean-colour fill."""
         rgb = np.stack([decode_image(Path(u).read_bytes(), grid) for u in manifest.table["uri"]])
-        segments = torch.from_numpy(np.stack([segment(x, **segment_settings(p)) for x in rgb])).long()
+        segments = torch.from_numpy(np.stack([segment(x, **p.segment_settings()) for x in rgb])).long()
         images = to_batch(rgb)
-        masks = lime_masks(images, segments, int(p["n_samples"]), float(p["p_keep"]), int(p["seed"]))
+        masks = lime_masks(images, segments, p.n_samples, p.p_keep, p.seed)
         return images, segments, masks, fill_with_mean_colours(images, segments, int(segments.max()) + 1)
 
     def timed(fn) -> tuple[float, object]:
@@ -276,7 +278,7 @@ def lime_vs_captum(work: Path, scale: float) -> None:
                                                                                    committee.values()), ".2f").line())
     say(Figure("lime_batched_vs_captum_per_image_224px_reference", best(big, "naive") / best(big, "ours"), ".1f").line())
     diff = max(r["diff"] for r in [*committee.values(), big])
-    note(f"{n_images} image(s); SLIC ({p['n_segments']} segments), {p['n_samples']} samples, mean-colour fill, cosine "
+    note(f"{n_images} image(s); SLIC ({p.n_segments} segments), {p.n_samples} samples, mean-colour fill, cosine "
          f"kernel, weighted ridge, logit output; the same masks on both sides, which agree to {diff:.1e}; each side "
          f"timed at {' and '.join(map(str, thread_settings()))} torch thread(s), interleaved per model, the faster "
          f"counting (a batch-1 forward gains little from a second thread, a batched one nearly 2x)")
@@ -365,8 +367,8 @@ def reducer_share(committee: tuple[dict, RunSpec], others: dict[str, dict]) -> N
     store, manifest = preflight(spec, check_weights=False)
     plan = make_plan(spec, store, manifest)
     t0 = time.perf_counter()
-    for s in plan.shards:  # the same fingerprint: rewrites the same files
-        reduce_shard(store, s, [m.id for m in spec.committee], spec.method, plan.reduce_fp[s], plan.reduce_fp[s],
+    for p in plan.shards.values():  # the same fingerprint: rewrites the same files
+        reduce_shard(store, p.shard, p.reduce, [m.id for m in spec.committee], spec.method, spec.run.map_size,
                      plan.subsets)
     in_process = time.perf_counter() - t0
     note(f"figure 3's run.json ({len(spec.committee)} members, masks, {len(plan.shards)} shards): reduce_s "

@@ -15,7 +15,8 @@ from typing import Optional
 import typer
 import yaml
 
-from ray_consensus.config import SpecError, load_spec_file, parse_member, parse_spec
+from ray_consensus.config import load_spec_file, parse_member, parse_spec
+from ray_consensus.errors import SpecError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cross-model consensus of explanations for image classifiers, on Ray.")
@@ -118,12 +119,13 @@ def validate(spec_file: Optional[Path] = SPEC_ARG, dataset: Optional[str] = DATA
 
         typer.echo(schema_text())
         return
-    from ray_consensus.runner import make_plan, plan_summary, preflight
+    from ray_consensus.plan import make_plan
+    from ray_consensus.preflight import preflight
 
     spec = _guard(build_spec, spec_file, dataset, model, explainer, output, set_)
     store, manifest = _guard(preflight, spec)
     plan = _guard(make_plan, spec, store, manifest)
-    summary = plan_summary(spec, manifest, plan)
+    summary = plan.summary(spec, manifest)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -139,7 +141,7 @@ def validate(spec_file: Optional[Path] = SPEC_ARG, dataset: Optional[str] = DATA
 def status(run_root: str = typer.Argument(..., help="run root (local folder or s3://bucket/prefix)"),
            as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
     """What is done and missing, per model and shard."""
-    from ray_consensus.runner import status as run_status
+    from ray_consensus.status import run_status
 
     st = _guard(run_status, run_root)
     if as_json:
@@ -167,7 +169,7 @@ def _ranges(values: list[int]) -> str:
 @app.command()
 def report(run_root: str = typer.Argument(..., help="run root (local folder or s3://bucket/prefix)")):
     """(Re)write report/index.html from a finished run."""
-    from ray_consensus.runner import write_report
+    from ray_consensus.reporting import write_report
     from ray_consensus.storage import open_store
 
     typer.echo(_guard(write_report, open_store(run_root)))

@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ray_consensus.config import MemberSpec, SpecError
+from ray_consensus.config import MemberSpec, StorageSpec
+from ray_consensus.errors import SpecError
+from ray_consensus.storage import read_uri_bytes
+from ray_consensus.units import fingerprint
 
 
 @lru_cache(maxsize=1)
@@ -74,10 +77,10 @@ def _timm_kwargs(kwargs: dict) -> dict:
     return out
 
 
-def create_member_model(member: MemberSpec, num_classes: int, read_bytes=None) -> nn.Module:
+def create_member_model(member: MemberSpec, num_classes: int, storage: StorageSpec | None = None) -> nn.Module:
     """Build the member's timm model with its weights, in eval mode, on the CPU.
 
-    `read_bytes(uri) -> bytes` reads checkpoints from local paths or s3:// (storage layer).
+    Checkpoints are read from local paths or s3:// (with `storage`'s settings).
     Raises SpecError when the name is unknown, the weights cannot be had or do not fit.
     """
     import timm
@@ -94,17 +97,13 @@ def create_member_model(member: MemberSpec, num_classes: int, read_bytes=None) -
             raise SpecError(f"model {member.id}: pretrained '{member.arch}' has {model.num_classes} classes, "
                             f"the data set has {num_classes}")
     else:
-        from ray_consensus.config import fingerprint
-
         # Seeded from the member, so `random` weights are the same in every actor and every run.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(fingerprint("init", member.id, member.arch), 16) % 2**31)
             model = timm.create_model(member.arch, pretrained=False, num_classes=num_classes, **kwargs)
         if member.weights != "random":
-            if read_bytes is None:
-                from ray_consensus.storage import read_uri_bytes as read_bytes
             try:
-                data = read_bytes(member.weights)
+                data = read_uri_bytes(member.weights, storage)
             except FileNotFoundError:
                 raise SpecError(f"model {member.id}: checkpoint not found: {member.weights}") from None
             state = load_state_dict_bytes(data, member.weights)

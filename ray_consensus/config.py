@@ -1,31 +1,26 @@
-"""The run spec: a YAML file (or flags) resolved into small typed objects.
+"""The run spec: a YAML file (or flags) resolved into small typed objects, checked once.
 
-The schema documents itself: every field below carries its help text, which
-`ray-consensus validate --schema` prints. Unknown keys and bad values raise
-`SpecError` with one line that says what is wrong (and, for typos, what was meant).
+The schema documents itself: every field below carries its help text (and its choices or
+bounds), which `ray-consensus validate --schema` prints. Unknown keys and bad values raise
+`SpecError` with one line that says what is wrong (and, for typos, what was meant). The
+explainer's parameters are typed too (`explainer_params`): `spec.explainer.params` is the
+parsed object, not a mapping.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from ray_consensus.errors import SpecError, suggest
+from ray_consensus.explainer_params import PARAMS, ExplainerParams, parse_params, schema_lines
+from ray_consensus.fields import build, describe, spec_field
 
-class SpecError(ValueError):
-    """A run spec that cannot be run; the message is one line meant for the user."""
 
-
-def _f(default: Any, help: str, choices: tuple | None = None):
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "choices": choices})
-    return field(default=default, metadata={"help": help, "choices": choices})
+_f = spec_field
 
 
 @dataclass
@@ -47,13 +42,24 @@ class MemberSpec:
     weights: str = _f("pretrained", "pretrained (timm hub), random (smoke tests), or the path/URI of a "
                                     ".safetensors or .pt/.pth state dict (loaded without unpickling code)")
     kwargs: dict = _f({}, "extra keyword arguments for timm.create_model (e.g. img_size)")
-    batch_size: int | None = _f(None, "images per forward batch for this member (default: resources.batch_size)")
+    batch_size: int | None = _f(None, "images per forward batch for this member (default: resources.batch_size)",
+                                low=1)
 
 
 @dataclass
 class ExplainerSpec:
-    name: str = _f("smoothgrad", "attribution method (see `ray-consensus validate --schema` for the list)")
-    params: dict = _f({}, "method parameters, e.g. {n_samples: 50, noise_level: 0.1} for smoothgrad")
+    """The explainer and its typed parameters. `params` may be given as a mapping (YAML, flags): it is
+    parsed into the explainer's parameter class when the spec is built, so it is always typed after."""
+
+    name: str = _f("smoothgrad", f"attribution method: {' | '.join(PARAMS)}")
+    params: ExplainerParams | dict = _f({}, "method parameters, e.g. {n_samples: 50, noise_level: 0.1} for "
+                                            "smoothgrad (each explainer's are listed below)")
+
+    def __post_init__(self):
+        if isinstance(self.params, dict):
+            self.params = parse_params(self.name, self.params)
+        elif self.params.name != self.name:
+            raise SpecError(f"explainer.params are {self.params.name}'s, explainer.name is {self.name}")
 
 
 @dataclass
@@ -66,29 +72,31 @@ class MethodSpec:
     vote: str = _f("mean", "voting rule", ("mean", "median", "trimmed_mean", "rank_mean"))
     similarity: str = _f("cosine", "consensus score measure", ("cosine", "pearson", "spearman", "topk_iou"))
     leave_one_out: bool = _f(False, "score each model against the vote of the others")
-    bootstrap: int = _f(1000, "bootstrap resamples (of images) for correlation confidence intervals")
+    bootstrap: int = _f(1000, "bootstrap resamples (of images) for correlation confidence intervals", low=0)
     robustness_sizes: list = _f([], "sub-committee sizes for the robustness table (default: 3..K-1 in steps)")
-    robustness_trials: int = _f(20, "random sub-committees drawn per size")
+    robustness_trials: int = _f(20, "random sub-committees drawn per size", low=0)
     seed: int = _f(0, "seed for bootstrap, sub-committees and stochastic explainers")
 
 
 @dataclass
 class RunSection:
     output: str = _f("", "run root: a local folder or s3://bucket/prefix")
-    shard_size: int = _f(256, "images per shard (the unit of work, retry and resume); fixed for a run root")
-    image_size: int = _f(224, "side of the square crop every member sees (shorter side resized, then centre crop)")
-    map_size: int = _f(56, "side of the common attribution grid all maps are resampled to")
-    gallery: int = _f(8, "sample images shown in the report")
+    shard_size: int = _f(256, "images per shard (the unit of work, retry and resume); fixed for a run root",
+                         low=1)
+    image_size: int = _f(224, "side of the square crop every member sees (shorter side resized, then centre crop)",
+                         low=8)
+    map_size: int = _f(56, "side of the common attribution grid all maps are resampled to", low=2)
+    gallery: int = _f(8, "sample images shown in the report", low=0)
     map_dtype: str = _f("float32", "storage type of attribution maps", ("float32", "float16"))
 
 
 @dataclass
 class ResourcesSpec:
-    actors_per_model: int = _f(1, "actors in each model's pool")
-    num_gpus: float = _f(0.0, "GPUs per actor (0 on CPU; fractions share a GPU)")
+    actors_per_model: int = _f(1, "actors in each model's pool", low=1)
+    num_gpus: float = _f(0.0, "GPUs per actor (0 on CPU; fractions share a GPU)", low=0)
     num_cpus: float | None = _f(None, "CPUs per actor (default: 1 with GPUs; on CPU-only clusters the CPUs "
-                                      "shared out so that every member's pool fits at once)")
-    batch_size: int = _f(16, "images per forward batch (per member override: committee[].batch_size)")
+                                      "shared out so that every member's pool fits at once)", low=0, open_low=True)
+    batch_size: int = _f(16, "images per forward batch (per member override: committee[].batch_size)", low=1)
     autocast: str = _f("none", "precision on GPU actors: none (float32 with TF32 off, the closest to CPU runs), "
                                "tf32 (float32 storage, TF32 matrix maths), bf16 or fp16 autocast",
                         ("none", "tf32", "bf16", "fp16"))
@@ -131,73 +139,9 @@ class RunSpec:
 
 # ---------------------------------------------------------------- parsing
 
-def _suggest(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
-
-
-def _coerce(value: Any, typ: Any, where: str) -> Any:
-    origin = get_origin(typ)
-    args = get_args(typ)
-    if value is None and (typ is type(None) or type(None) in args):
-        return None
-    if args and type(None) in args:  # Optional[X]
-        typ = next(a for a in args if a is not type(None))
-        origin, args = get_origin(typ), get_args(typ)
-    if dataclasses.is_dataclass(typ):
-        if not isinstance(value, dict):
-            raise SpecError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return _build(typ, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise SpecError(f"{where}: expected a list, got {type(value).__name__}")
-        item = args[0] if args else Any
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if typ is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise SpecError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise SpecError(f"{where}: expected true or false, got {value!r}")
-    if typ in (int, float):
-        if isinstance(value, bool):
-            raise SpecError(f"{where}: expected a number, got {value!r}")
-        try:
-            out = typ(value)
-        except (TypeError, ValueError):
-            raise SpecError(f"{where}: expected {'an integer' if typ is int else 'a number'}, got {value!r}")
-        if typ is int and float(value) != out:
-            raise SpecError(f"{where}: expected an integer, got {value!r}")
-        return out
-    if typ is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise SpecError(f"{where}: expected a string, got {value!r}")
-        return str(value)
-    return value
-
-
-def _build(cls, data: dict, where: str):
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise SpecError(f"unknown key '{where + '.' if where else ''}{key}'{_suggest(str(key), fields)}")
-        path = f"{where}.{key}" if where else key
-        kwargs[key] = _coerce(value, hints[key], path)
-        choices = fields[key].metadata.get("choices")
-        if choices and kwargs[key] not in choices:
-            raise SpecError(f"{path}: unknown value '{kwargs[key]}'{_suggest(str(kwargs[key]), choices)}")
-    return cls(**kwargs)
-
-
 def parse_spec(data: dict | None) -> RunSpec:
     """Build a RunSpec from plain data (a parsed YAML document) and check it."""
-    spec = _build(RunSpec, data or {}, "")
+    spec = build(RunSpec, data or {}, "")
     check_spec(spec)
     return spec
 
@@ -228,9 +172,8 @@ def parse_member(text: str) -> dict:
 
 
 def check_spec(spec: RunSpec) -> None:
-    """Static checks that need no I/O (the rest is `validate`)."""
-    from ray_consensus.explainers import EXPLAINERS
-
+    """Checks across fields that need no I/O (each field's own type, choices and bounds are checked
+    as it is parsed; the rest is `validate`)."""
     if not spec.dataset.path:
         raise SpecError("dataset.path is required (an image folder or a manifest table)")
     if not spec.run.output:
@@ -248,48 +191,20 @@ def check_spec(spec: RunSpec) -> None:
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise SpecError(f"committee member ids must be unique: {', '.join(dup)} repeated")
-    if spec.explainer.name not in EXPLAINERS:
-        raise SpecError(f"explainer.name: unknown explainer '{spec.explainer.name}'"
-                        f"{_suggest(spec.explainer.name, EXPLAINERS)}")
-    EXPLAINERS[spec.explainer.name].check_params(spec.explainer.params)
-    r = spec.run
-    for name, value, low in (("run.shard_size", r.shard_size, 1), ("run.image_size", r.image_size, 8),
-                             ("run.map_size", r.map_size, 2), ("resources.actors_per_model",
-                                                               spec.resources.actors_per_model, 1),
-                             ("resources.batch_size", spec.resources.batch_size, 1)):
-        if value < low:
-            raise SpecError(f"{name} must be at least {low}, got {value}")
-    if r.map_size > r.image_size:
-        raise SpecError(f"run.map_size ({r.map_size}) cannot exceed run.image_size ({r.image_size})")
-    if spec.resources.num_gpus < 0:
-        raise SpecError("resources.num_gpus must be >= 0")
-    if spec.resources.num_cpus is not None and spec.resources.num_cpus <= 0:
-        raise SpecError("resources.num_cpus must be > 0")
+    if spec.run.map_size > spec.run.image_size:
+        raise SpecError(f"run.map_size ({spec.run.map_size}) cannot exceed run.image_size ({spec.run.image_size})")
     if spec.method.leave_one_out and len(spec.committee) < 2:
         raise SpecError("method.leave_one_out needs at least 2 committee members")
 
 
-def fingerprint(*parts: Any) -> str:
-    """A short stable hash of JSON-able parts (what a stored unit was computed from)."""
-    text = json.dumps(parts, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+SECTIONS = (("dataset", DatasetSpec), ("committee[]", MemberSpec), ("explainer", ExplainerSpec),
+            ("method", MethodSpec), ("run", RunSection), ("resources", ResourcesSpec), ("storage", StorageSpec))
 
 
 def schema_text() -> str:
     """Human-readable reference of every section and key, generated from the dataclasses."""
-    from ray_consensus.explainers import EXPLAINERS
-
     lines = []
-    for section, cls in (("dataset", DatasetSpec), ("committee[]", MemberSpec), ("explainer", ExplainerSpec),
-                         ("method", MethodSpec), ("run", RunSection), ("resources", ResourcesSpec),
-                         ("storage", StorageSpec)):
+    for section, cls in SECTIONS:
         lines.append(f"{section}:")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = f.metadata.get("choices")
-            extra = f" [{' | '.join(choices)}]" if choices else ""
-            lines.append(f"  {f.name}: {default!r}{extra}\n      {f.metadata['help']}")
-    lines.append("explainers:")
-    for name, cls in EXPLAINERS.items():
-        lines.append(f"  {name}: {cls.__doc__.strip().splitlines()[0]}  defaults: {cls.defaults}")
-    return "\n".join(lines)
+        lines += describe(cls)
+    return "\n".join(lines + schema_lines())

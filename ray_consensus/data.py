@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from ray_consensus.config import DatasetSpec, SpecError, StorageSpec
+from ray_consensus.config import DatasetSpec, StorageSpec
+from ray_consensus.errors import SpecError
 from ray_consensus.storage import is_s3, list_uri, read_uri_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")

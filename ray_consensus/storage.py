@@ -25,7 +25,8 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_consensus.config import SpecError, StorageSpec
+from ray_consensus.config import StorageSpec
+from ray_consensus.errors import SpecError
 
 
 # Dictionary encoding bloats float maps (~19 KB vs 12.5 KB raw for 56x56 float32); zstd shrinks them.

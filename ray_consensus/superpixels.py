@@ -40,13 +40,6 @@ def segment(image: np.ndarray, method: str = "slic", n_segments: int = 50, compa
     return contiguous.reshape(labels.shape).astype(np.int32)
 
 
-def segment_settings(params: dict) -> dict:
-    """`segment`'s keyword arguments from an explainer's params (segmentation, n_segments,
-    compactness, seed): how the decode stage segments for LIME."""
-    return {"method": str(params["segmentation"]), "n_segments": int(params["n_segments"]),
-            "compactness": float(params["compactness"]), "seed": int(params["seed"])}
-
-
 def mean_colours(image: np.ndarray, segments: np.ndarray) -> np.ndarray:
     """Mean colour of each superpixel: image (S, S, C) any numeric dtype, segments (S, S) ids 0..K-1
     -> float64 (K, C), in the image's units. LIME paints hidden superpixels with these."""

@@ -1,35 +1,41 @@
 """Run-level tables from the reduced shards: models, correlations, robustness.
 
-Inputs are the stored `scores/`, `consensus/` and `subcommittees/` units of the current
-shards; outputs are pandas DataFrames (written as Parquet + CSV by the runner).
+    write_tables: read scores/, consensus/, subcommittees/ (contract) ─► the tables below ─► tables/*.parquet, .csv
+
+The table functions take and return pandas DataFrames; the statistics are `consensus.py`'s.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from ray_consensus import consensus as cm
 from ray_consensus.config import RunSpec
-from ray_consensus.reduce import ALIGNMENT_METRICS
+from ray_consensus.contract import read_per_shard
+
 from ray_consensus.storage import Store
-from ray_consensus.units import DATA_FILE, shard_dir
 
-
-def read_shards(store: Store, kind: str, shards: list[int], columns: list[str] | None = None) -> pd.DataFrame:
-    frames = []
-    for s in shards:
-        t = store.read_parquet(f"{shard_dir(kind, s)}/{DATA_FILE}", columns=columns)
-        frames.append(t.to_pandas())
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns or [])
-
+def write_tables(spec: RunSpec, store: Store, shards: list[int]) -> dict:
+    """Compute and write tables/{models,correlations,robustness}.{parquet,csv}; returns the voted count."""
+    scores = read_per_shard(store, "scores", shards)
+    consensus = read_per_shard(store, "consensus", shards)
+    consensus = consensus.drop(columns=[c for c in ("consensus", "mask") if c in consensus.columns])
+    models = models_table(spec, scores, consensus)
+    frames = {"models": models, "correlations": correlations_table(spec, scores),
+              "robustness": robustness_table(spec, read_per_shard(store, "subcommittees", shards), models)}
+    for name, frame in frames.items():
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        store.write_parquet(f"tables/{name}.parquet", table)
+        store.write_csv(f"tables/{name}.csv", table)
+    return {"consensus_voted": int(consensus["voted"].sum()) if len(consensus) else 0}
 
 def per_image_matrix(scores: pd.DataFrame, column: str, model_ids: list[str], voted_only: bool) -> np.ndarray:
     """scores rows -> (K, N) matrix of `column`, NaN where the image is not counted for the model."""
     values = scores[column].astype(float).where(scores["voted"] | (not voted_only))
     wide = values.set_axis(pd.MultiIndex.from_frame(scores[["model_id", "image_id"]])).unstack("image_id")
     return wide.reindex(model_ids).to_numpy(dtype=float)
-
 
 def models_table(spec: RunSpec, scores: pd.DataFrame, consensus: pd.DataFrame) -> pd.DataFrame:
     """One row per member (and a `consensus` row for the alignment of the vote itself)."""
@@ -42,7 +48,7 @@ def models_table(spec: RunSpec, scores: pd.DataFrame, consensus: pd.DataFrame) -
                "n_images": int(len(s)), "n_voted": int(len(voted)),
                "consensus_score": float(voted["consensus_score"].mean()) if len(voted) else float("nan")}
         if has_masks:
-            for metric in ALIGNMENT_METRICS:
+            for metric in cm.ALIGNMENTS:
                 row[metric] = float(voted[metric].mean())
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -50,10 +56,9 @@ def models_table(spec: RunSpec, scores: pd.DataFrame, consensus: pd.DataFrame) -
         voted = consensus[consensus["voted"]]
         row = {"model_id": "consensus", "arch": f"vote of {len(spec.committee)} models", "accuracy": float("nan"),
                "n_images": int(len(consensus)), "n_voted": int(len(voted)), "consensus_score": float("nan")}
-        row.update({metric: float(voted[metric].mean()) for metric in ALIGNMENT_METRICS})
+        row.update({metric: float(voted[metric].mean()) for metric in cm.ALIGNMENTS})
         table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
     return table
-
 
 def correlations_table(spec: RunSpec, scores: pd.DataFrame) -> pd.DataFrame:
     """Consensus score (and mask alignment) against accuracy, with p-values and bootstrap CIs."""
@@ -69,15 +74,6 @@ def correlations_table(spec: RunSpec, scores: pd.DataFrame) -> pd.DataFrame:
     for x_name, x, y_name, y in pairs:
         rows += cm.correlation_table(x, y, x_name, y_name, n_boot=method.bootstrap, seed=method.seed)
     return pd.DataFrame(rows, columns=["x", "y", "method", "coefficient", "p_value", "ci_low", "ci_high", "n"])
-
-
-def robustness_sizes(spec: RunSpec) -> list[int]:
-    k = len(spec.committee)
-    if spec.method.robustness_sizes:
-        return [int(s) for s in spec.method.robustness_sizes]
-    return sorted({s for s in np.linspace(3, k - 1, num=min(5, max(k - 3, 0))).round().astype(int)} if k > 3
-                  else set())
-
 
 def robustness_table(spec: RunSpec, sums: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
     """Per sub-committee (k, trial): the score-accuracy correlation within it."""

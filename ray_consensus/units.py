@@ -7,13 +7,17 @@ current fingerprint exists; a crashed write leaves no marker and the unit is red
 overwriting the same file names (no duplicate rows). Markers start with '_' so pandas,
 pyarrow, DuckDB and Spark skip them when reading the folders.
 
-Listing the run root once tells what is done: no marker has to be opened.
+Listing the run root once tells what is done: no marker has to be opened. Which fingerprint
+each unit must carry is the plan's business (`plan.py`); `fingerprint` is the hash it uses.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections import defaultdict
+from typing import Any
 
 import pyarrow as pa
 
@@ -21,6 +25,12 @@ from ray_consensus.storage import Store
 
 DATA_FILE = "part-0.parquet"
 MARKER = "_done-"
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (what a stored unit was computed from)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def attributions_dir(model_id: str, shard: int) -> str:
@@ -42,11 +52,11 @@ def completed(store: Store, top: str) -> dict[str, str]:
     return done
 
 
-def write_unit(store: Store, folder: str, fp: str, tables: dict[str, pa.Table],
-               previous_fp: str | None = None) -> None:
-    """Write a unit whole: drop a stale marker, write the files, then the marker."""
-    if previous_fp is not None and previous_fp != fp:
-        store.delete(f"{folder}/{MARKER}{previous_fp}")
+def write_unit(store: Store, folder: str, fp: str, tables: dict[str, pa.Table], stale_fp: str | None = None) -> None:
+    """Write a unit whole: drop the stale marker (`stale_fp`: the one stored before), write the
+    files, then the marker with the fingerprint `fp`."""
+    if stale_fp is not None and stale_fp != fp:
+        store.delete(f"{folder}/{MARKER}{stale_fp}")
     for rel, table in tables.items():
         store.write_parquet(rel, table)
     store.write_bytes(f"{folder}/{MARKER}{fp}", b"")

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from ray_consensus.config import SpecError, load_spec_file, parse_member, parse_spec
+from ray_consensus.config import load_spec_file, parse_member, parse_spec
+from ray_consensus.errors import SpecError
 from imagesets import make_image_folder
 
 # Imports the CLI and runs it; afterwards asserts Ray was never imported (no cluster work started).
@@ -105,3 +106,20 @@ def test_schema_lists_every_section():
     for section in ("dataset:", "committee[]:", "explainer:", "method:", "run:", "resources:", "storage:"):
         assert section in proc.stdout
     assert "smoothgrad" in proc.stdout
+
+
+@pytest.mark.parametrize("explainer,setting,message", [
+    ("smoothgrad", "n_samples=many", "explainer.params.n_samples must be an integer >= 1, got 'many'"),
+    ("integrated_gradients", "n_steps=-1", "explainer.params.n_steps must be an integer >= 1, got -1"),
+    ("lime", "n_segments=abc", "explainer.params.n_segments must be an integer >= 1, got 'abc'"),
+    ("lime", "kernel_wdth=0.5",
+     "explainer.params: unknown parameter 'kernel_wdth' for lime (did you mean 'kernel_width'?)"),
+])
+def test_bad_explainer_parameters_are_one_line_before_ray(dataset, tmp_path, explainer, setting, message):
+    proc, took = cli("validate", "--dataset", str(dataset / "images"), "--model", "a=resnet10t@random",
+                     "--output", str(tmp_path / "run"), "--explainer", explainer,
+                     "--set", f"explainer.params.{setting}")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"error: {message}"]
+    assert "ray was imported" not in proc.stderr and took < 10
+    assert not (tmp_path / "run").exists()

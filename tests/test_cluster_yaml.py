@@ -158,7 +158,6 @@ def test_stage_demo_copies_a_demo_that_a_spec_reads_back_from_s3(s3_server, s3_b
     from ray_consensus.config import DatasetSpec, MemberSpec
     from ray_consensus.data import read_manifest
     from ray_consensus.demo import DatasetSpec as DemoData, MemberRecipe
-    from ray_consensus.storage import read_uri_bytes
 
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
@@ -178,7 +177,7 @@ def test_stage_demo_copies_a_demo_that_a_spec_reads_back_from_s3(s3_server, s3_b
     assert all(u.startswith(f"{dest}/masks/") for u in manifest.table["mask_uri"])
     member = MemberSpec(id="tiny", arch="resnet10t", weights=f"{dest}/models/tiny.safetensors",
                         kwargs={"pretrained_cfg_overlay": {"input_size": [3, 32, 32], "crop_pct": 1.0}})
-    model = create_member_model(member, 2, read_bytes=read_uri_bytes)
+    model = create_member_model(member, 2)
     assert model.num_classes == 2
 
 

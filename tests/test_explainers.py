@@ -8,7 +8,7 @@ import torch
 from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
 from ray_consensus.committee import DataConfig, Preprocess, member_data_config, resample_maps
-from ray_consensus.config import SpecError
+from ray_consensus.errors import SpecError
 from ray_consensus.explainers import EXPLAINERS, ScoreModel
 
 

@@ -20,7 +20,8 @@ import yaml
 
 from imagesets import make_image_folder, tiny_spec
 from ray_consensus.committee import load_state_dict_bytes
-from ray_consensus.config import SpecError, parse_spec
+from ray_consensus.config import parse_spec
+from ray_consensus.errors import SpecError
 from ray_consensus.lease import Lease, LeaseHeld
 from ray_consensus.storage import LocalStore
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from ray_consensus import superpixels
 from ray_consensus.committee import DataConfig, Preprocess
-from ray_consensus.config import SpecError
-from ray_consensus.lime import (Lime, _Perturbations, fill_with_mean_colours, fit_weighted_ridge, kernel_weights,
+from ray_consensus.errors import SpecError
+from ray_consensus.explainers.lime import (Lime, _Perturbations, fill_with_mean_colours, fit_weighted_ridge, kernel_weights,
                                 perturbation_seed, sample_masks)
 
 S = 40
@@ -118,7 +118,7 @@ def test_check_params_explains_bad_values():
                          ({"n_sample": 10}, "unknown parameter 'n_sample'.*n_samples")]:
         with pytest.raises(SpecError, match=message):
             Lime(**bad)
-    assert Lime().passes_per_image() == (1000, 0)
+    assert Lime().params.passes_per_image() == (1000, 0)
 
 
 # ---- the whole explainer ------------------------------------------------------------------------
@@ -282,8 +282,10 @@ def test_decode_stage_computes_the_explainers_superpixels_without_loading_torch(
     from imagesets import make_image_folder, tiny_spec
 
     from ray_consensus.config import parse_spec
+    from ray_consensus.contract import ImageRef
     from ray_consensus.data import read_manifest
     from ray_consensus.pipeline import ShardTask, StageContext, segmentation_of
+    from ray_consensus.plan import Unit
 
     data = make_image_folder(tmp_path / "data", n_classes=1, per_class=2, size=(48, 48), masks=False)
     spec = tiny_spec(data, str(tmp_path / "run"), models=("a=resnet10t@random",))
@@ -292,15 +294,15 @@ def test_decode_stage_computes_the_explainers_superpixels_without_loading_torch(
     spec = parse_spec(spec)
     ctx = StageContext(spec, 1, None, segmentation_of(spec))
     assert ctx.segmentation == {"method": "slic", "n_segments": 12, "compactness": 5.0, "seed": 0}
-    images = [{"image_id": r.image_id, "uri": r.uri, "label": 0, "mask_uri": None}
-              for r in read_manifest(spec.dataset).table.itertuples()]
-    (tmp_path / "stage.pkl").write_bytes(pickle.dumps((ctx, ShardTask(0, images, "fp", False, {}, {}))))
+    images = [ImageRef(r.image_id, r.uri, 0, None) for r in read_manifest(spec.dataset).table.itertuples()]
+    done = Unit("inputs/shard=00000", "fp", "fp")  # already written: the stage only decodes
+    (tmp_path / "stage.pkl").write_bytes(pickle.dumps((ctx, ShardTask(0, images, done, {}))))
     code = """
 import pickle, sys
 from ray_consensus.pipeline import DecodeShard
 ctx, task = pickle.loads(open(sys.argv[1], "rb").read())  # as a Ray worker receives them
 out = DecodeShard(ctx).decode(task)
-pickle.dump((out["pixels"], out["segments"], "torch" in sys.modules), open(sys.argv[1], "wb"))
+pickle.dump((out.pixels, out.segments, "torch" in sys.modules), open(sys.argv[1], "wb"))
 """
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "stage.pkl")], check=True)
     pixels, segments, torch_loaded = pickle.loads((tmp_path / "stage.pkl").read_bytes())

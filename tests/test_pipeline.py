@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_consensus.config import parse_spec
-from ray_consensus.runner import execute, status
+from ray_consensus.runner import execute
+from ray_consensus.status import run_status
 from imagesets import make_image_folder, tiny_spec
 
 ray = pytest.importorskip("ray")
@@ -110,7 +111,7 @@ def test_end_to_end_resume_and_growth(tmp_path, local_ray):
     attrs = read_dir(root / "attributions")
     assert len(attrs) == 24 * 3 and not attrs.duplicated(["image_id", "model"]).any()
 
-    st = status(str(root))
+    st = run_status(str(root))
     assert st["models"]["c"]["missing"] == [] and st["models"]["c"]["done"] == [0, 1, 2, 3]
     assert st["reduced"]["missing"] == []
 
@@ -118,14 +119,13 @@ def test_end_to_end_resume_and_growth(tmp_path, local_ray):
 def test_float16_maps_are_stored_scaled_and_read_back():
     import pyarrow as pa
 
-    from ray_consensus.pipeline import _list_column
-    from ray_consensus.reduce import stored_maps
+    from ray_consensus.contract import decode_maps, list_column
 
     maps = np.array([[1e-7, -3e-7, 0.0, 2e-7], [0.0, 0.0, 0.0, 0.0]])
     scale = np.array([3e-7, 1.0])  # max |m| per map; an all-zero map keeps scale 1
-    table = pa.table({"attribution": _list_column((maps / scale[:, None]).astype(np.float16)),
+    table = pa.table({"attribution": list_column((maps / scale[:, None]).astype(np.float16)),
                       "attribution_scale": pa.array(scale.astype(np.float32))})
-    back = stored_maps(table, 4)
+    back = decode_maps(table, 4)
     np.testing.assert_allclose(back, maps, rtol=1e-3, atol=0)
     assert float(np.float16(1e-7)) != 1e-7 and abs(float(np.float16(1e-7)) - 1e-7) > 1e-9  # why the scale
 
@@ -137,8 +137,8 @@ def test_lime_run_votes_on_the_superpixels_every_member_shares(tmp_path, local_r
     from pathlib import Path
 
     from ray_consensus.data import decode_image
-    from ray_consensus.explainers import EXPLAINERS
-    from ray_consensus.pipeline import _on_grid
+    from ray_consensus.explainer_params import LimeParams
+    from ray_consensus.pipeline import on_grid
     from ray_consensus.superpixels import segment
 
     data = make_image_folder(tmp_path / "ds", n_classes=2, per_class=4, size=(48, 48))
@@ -150,13 +150,13 @@ def test_lime_run_votes_on_the_superpixels_every_member_shares(tmp_path, local_r
     manifest = read_dir(root / "manifest.parquet").set_index("image_id")
     attrs = read_dir(root / "attributions")
     consensus = read_dir(root / "consensus").set_index("image_id")
-    compactness = EXPLAINERS["lime"].defaults["compactness"]
+    compactness = LimeParams().compactness
     assert len(inputs) == 8 and len(attrs) == 16
     for image_id, group in attrs.groupby("image_id"):
         rgb = decode_image(Path(manifest.loc[image_id, "uri"]).read_bytes(), spec.run.image_size)
         full = segment(rgb, "slic", n_segments=6, compactness=compactness, seed=0)
         grid = np.asarray(inputs.loc[image_id, "superpixels"])
-        np.testing.assert_array_equal(grid, _on_grid(full, spec.run.map_size).ravel())
+        np.testing.assert_array_equal(grid, on_grid(full, spec.run.map_size).ravel())
         weights = np.stack([np.asarray(w, dtype=np.float64) for w in group["superpixel_weights"]])
         assert weights.shape == (2, full.max() + 1)  # both members, one weight per superpixel
         norm = np.abs(weights) / np.linalg.norm(weights, axis=1, keepdims=True)

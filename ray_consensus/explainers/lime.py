@@ -29,9 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ray_consensus.config import SpecError
-from ray_consensus.explainers import Explainer, check_output, class_score, register
-from ray_consensus.superpixels import METHODS
+from ray_consensus.explainer_params import LimeParams
+from ray_consensus.explainers.base import Explainer, class_score, register
 
 
 def sample_masks(n_samples: int, n_segments: int, p_keep: float, generator: torch.Generator) -> Tensor:
@@ -103,63 +102,28 @@ def fill_with_mean_colours(images: Tensor, segments: Tensor, k_max: int) -> Tens
     return means.gather(2, ids.expand(b, c, -1)).view_as(images)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 @register
 class Lime(Explainer):
     """LIME with superpixels shared by the committee: mean-colour fill, cosine kernel, weighted ridge.
 
-    Params: n_samples perturbations per image (row 0 unperturbed), kernel_width, alpha (ridge),
-    p_keep (probability a superpixel is kept), forward_batch (perturbations per forward pass;
-    "auto": see `forward_batch`),
-    output (probability|logit), seed; segmentation, n_segments, compactness are read by the
-    decode stage for `superpixels.segment`.
+    Params (`LimeParams`): n_samples perturbations per image (row 0 unperturbed), kernel_width,
+    alpha (ridge), p_keep (probability a superpixel is kept), forward_batch (perturbations per
+    forward pass; "auto": see `forward_batch`), output (probability|logit), seed; segmentation,
+    n_segments, compactness are read by the decode stage for `superpixels.segment`.
+    The perturbations are seeded by `seed` and each image's content, so `seeds` is not used.
     """
 
-    name = "lime"
-    needs_segments = True
-    defaults = {"n_samples": 1000, "kernel_width": 0.25, "alpha": 1.0, "p_keep": 0.5, "forward_batch": "auto",
-                "output": "probability", "seed": 0,
-                "segmentation": "slic", "n_segments": 50, "compactness": 10.0}
-
-    @classmethod
-    def check_params(cls, params):
-        super().check_params(params)
-        p = {**cls.defaults, **params}
-        check_output(p)
-        if p["segmentation"] not in METHODS:
-            raise SpecError(f"lime: segmentation must be one of {', '.join(METHODS)}, got {p['segmentation']!r}")
-        rules = {"n_samples": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
-                 "forward_batch": (lambda v: v == "auto" or (_is_int(v) and v >= 1), "an integer >= 1 or 'auto'"),
-                 "n_segments": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-                 "seed": (_is_int, "an integer"),
-                 "kernel_width": (lambda v: _is_number(v) and v > 0, "a number > 0"),
-                 "alpha": (lambda v: _is_number(v) and v > 0,
-                           "a number > 0 (the ridge keeps repeated perturbations solvable)"),
-                 "p_keep": (lambda v: _is_number(v) and 0 < v < 1, "a number strictly between 0 and 1"),
-                 "compactness": (lambda v: _is_number(v) and v > 0, "a number > 0")}
-        for key, (ok, rule) in rules.items():
-            if not ok(p[key]):
-                raise SpecError(f"lime: {key} must be {rule}, got {p[key]!r}")
-
-    def passes_per_image(self):
-        return self.params["n_samples"], 0
+    params_type = LimeParams
 
     @torch.no_grad()
-    def explain(self, model, preprocess, images, target, segments=None):
+    def explain(self, model, preprocess, images, target, segments=None, seeds=None):
         """images (B, 3, S, S) in [0, 1], target (B,), segments (B, S, S) ids 0..K_b-1 ->
         {"map": float32 (B, S, S) superpixel weights painted on their pixels,
          "superpixel_weights": float32 (B, K_max), NaN beyond each image's K_b}."""
         if segments is None:
             raise ValueError("lime: explain() needs the superpixel ids (segments)")
         p = self.params
-        n, device = int(p["n_samples"]), images.device
+        n, device = p.n_samples, images.device
         b, _, s, _ = images.shape
         seg = segments.to(device=device, dtype=torch.long)
         n_features = seg.flatten(1).max(dim=1).values + 1
@@ -176,10 +140,10 @@ class Lime(Explainer):
             pieces = []
             for i in range(start // n, (stop - 1) // n + 1):  # the images this chunk spans
                 pieces.append(perturbed(i, masks[i, max(start - i * n, 0):min(stop - i * n, n)]))
-            scores[start:stop] = class_score(model, torch.cat(pieces), targets[start:stop], p["output"])
+            scores[start:stop] = class_score(model, torch.cat(pieces), targets[start:stop], p.output)
 
-        weights = kernel_weights(masks, n_features, float(p["kernel_width"]))
-        beta, _ = fit_weighted_ridge(masks, scores.view(b, n), weights, float(p["alpha"]), n_features)
+        weights = kernel_weights(masks, n_features, p.kernel_width)
+        beta, _ = fit_weighted_ridge(masks, scores.view(b, n), weights, p.alpha, n_features)
         beta = beta.float()
         valid = torch.arange(k_max, device=device)[None] < n_features[:, None]
         return {"map": beta.gather(1, seg.flatten(1)).view(b, s, s),
@@ -189,9 +153,9 @@ class Lime(Explainer):
         """Perturbations per forward pass: the param, or for "auto" 256 on a GPU and on a CPU the
         power of two that keeps a batch near 2**20 input pixels (8 to 128): on a CPU a forward's
         cost per image stops falling, and at 224 px rises, once the activations outgrow the caches."""
-        step = self.params["forward_batch"]
+        step = self.params.forward_batch
         if step != "auto":
-            return int(step)
+            return step
         if device.type != "cpu":
             return 256
         per_image = max(1, input_size[0] * input_size[1])
@@ -202,10 +166,10 @@ class Lime(Explainer):
         p = self.params
         pixels = (images.detach() * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
         seg_np = seg.cpu().numpy()
-        masks = torch.zeros(len(n_features), int(p["n_samples"]), k_max, dtype=torch.bool)
+        masks = torch.zeros(len(n_features), p.n_samples, k_max, dtype=torch.bool)
         for i, k in enumerate(n_features):
-            gen = torch.Generator().manual_seed(perturbation_seed(p["seed"], pixels[i], seg_np[i]))
-            masks[i, :, :k] = sample_masks(int(p["n_samples"]), k, float(p["p_keep"]), gen)
+            gen = torch.Generator().manual_seed(perturbation_seed(p.seed, pixels[i], seg_np[i]))
+            masks[i, :, :k] = sample_masks(p.n_samples, k, p.p_keep, gen)
         return masks
 
 

@@ -18,8 +18,10 @@ import difflib
 import torch
 from torch import nn
 
-from ray_consensus.config import SpecError
-from ray_consensus.explainers import Explainer, ScoreModel, check_output, register
+from ray_consensus.committee import member_data_config
+from ray_consensus.errors import SpecError
+from ray_consensus.explainer_params import GradCamParams
+from ray_consensus.explainers.base import Explainer, ScoreModel, register
 
 
 def _arch(model: nn.Module) -> str:
@@ -34,8 +36,6 @@ def _has_conv(module: nn.Module) -> bool:
 def _finished_outputs(model: nn.Module, modules: list[nn.Module]) -> list[tuple[nn.Module, torch.Size | None]]:
     """(module, output shape) in the order the modules finish on one blank image at the model's
     input size (timm's data config); shape None for outputs that are not a single tensor."""
-    from ray_consensus.committee import member_data_config
-
     size = member_data_config(model).input_size
     ref = next(model.parameters(), torch.empty(0))
     finished = []
@@ -93,35 +93,26 @@ def target_layer(model: nn.Module, layer: str | None = None) -> nn.Module:
 class GradCam(Explainer):
     """Grad-CAM (captum `LayerGradCam`, ReLU applied) on the member's last convolutional feature map.
 
-    Params: output (logit|probability, default logit as in the Grad-CAM paper), layer (a module
-    name overriding the automatic choice, e.g. "layer4"; null = automatic).
+    Params (`GradCamParams`): output (logit|probability, default logit as in the Grad-CAM paper),
+    layer (a module name overriding the automatic choice, e.g. "layer4"; null = automatic).
     """
 
-    name = "gradcam"
-    defaults = {"output": "logit", "layer": None}
+    params_type = GradCamParams
 
-    def __init__(self, **params):
-        super().__init__(**params)
-        self._layer_of: tuple[nn.Module, nn.Module] | None = None  # (model, its layer): found once per actor
-
-    @classmethod
-    def check_params(cls, params):
-        super().check_params(params)
-        p = {**cls.defaults, **params}
-        check_output(p)
-        if p["layer"] is not None and (not isinstance(p["layer"], str) or not p["layer"]):
-            raise SpecError(f"gradcam: layer must be a module name (e.g. 'layer4') or null, got {p['layer']!r}")
+    def __init__(self, params: GradCamParams | None = None, /, **values):
+        super().__init__(params, **values)
+        self._layer_of: tuple[nn.Module, nn.Module] | None = None  # (model, its layer): found once per model
 
     def check_model(self, model):
-        target_layer(model, self.params["layer"])
+        target_layer(model, self.params.layer)
 
-    def explain(self, model, preprocess, images, target, segments=None):
+    def explain(self, model, preprocess, images, target, segments=None, seeds=None):
         """images (B, 3, S, S) in [0, 1], target (B,) -> {"map": float32 (B, h', w') on the layer's grid}."""
         from captum.attr import LayerGradCam
 
         if self._layer_of is None or self._layer_of[0] is not model:
-            self._layer_of = (model, target_layer(model, self.params["layer"]))
+            self._layer_of = (model, target_layer(model, self.params.layer))
         x = preprocess(images).detach()
-        cam = LayerGradCam(ScoreModel(model, self.params["output"]), self._layer_of[1])
+        cam = LayerGradCam(ScoreModel(model, self.params.output), self._layer_of[1])
         attr = cam.attribute(x, target=target, relu_attributions=True)
         return {"map": attr[:, 0].detach().float()}

@@ -1,0 +1,299 @@
+"""The data contract: how every stored table is encoded and decoded, in one place.
+
+Each table of the run root (README, "What a run writes") has its encoder here and, where the
+package reads it back, its decoder, so a column is named, typed and scaled in exactly one
+module. Paths come from `units`. Arrays are numpy; nothing here imports torch or Ray.
+
+    manifest.parquet                 image_id, uri, label, mask_uri, shard
+    errors/…                         image_id, uri, stage, reason
+    inputs/shard=N                   image_id, label, mask (map grid), superpixels (map grid, LIME)
+    attributions/model=M/shard=N     image_id, label, pred, correct, height, width, attribution
+                                     [, attribution_scale (float16 maps)] [, superpixel_weights]
+    consensus/shard=N                image_id, label, n_models, height, width, voted, consensus
+                                     [, mask, ap, roc_auc, pointing_game]
+    scores/shard=N                   image_id, model_id, label, pred, correct, voted, consensus_score,
+                                     one column per similarity [, one per alignment metric]
+    subcommittees/shard=N            k, trial, model_id, score_sum, n_voted
+    run.json                         the resolved spec (secrets masked), plan, counts, timings
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from ray_consensus.config import RunSpec, parse_spec
+from ray_consensus.storage import Store
+from ray_consensus.units import DATA_FILE, attributions_dir, shard_dir
+
+MANIFEST_FILE = "manifest.parquet"
+MANIFEST_ERRORS_FILE = f"errors/manifest/{DATA_FILE}"
+RUN_FILE = "run.json"
+
+
+class ImageRef(NamedTuple):
+    """One image of a shard, as the decode stage reads it (mask_uri None: the data set has no masks)."""
+
+    image_id: str
+    uri: str
+    label: int
+    mask_uri: str | None
+
+
+def file_of(kind: str, shard: int) -> str:
+    """The data file of a per-shard table: kind is inputs | errors | consensus | scores | subcommittees."""
+    return f"{shard_dir(kind, shard)}/{DATA_FILE}"
+
+
+def attributions_file(model_id: str, shard: int) -> str:
+    return f"{attributions_dir(model_id, shard)}/{DATA_FILE}"
+
+
+# ---------------------------------------------------------------- columns
+
+def list_column(values: np.ndarray) -> pa.Array:
+    """(N, P) -> list<value> column of N rows, without a Python loop."""
+    n, p = values.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, n * p + 1, p, dtype=np.int32)), pa.array(values.ravel()))
+
+
+def list_rows(column: pa.ChunkedArray | pa.Array, width: int | None = None) -> np.ndarray:
+    """list<number> column of equal-length rows -> (N, width) array."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    n = len(arr)
+    return flat.reshape(n, width if width is not None else (len(flat) // n if n else 0))
+
+
+def _ragged(column: pa.ChunkedArray, fill: float = 0.0) -> np.ndarray:
+    """list<float> rows of different lengths -> (N, max length), padded with `fill`."""
+    rows = column.to_pylist()
+    out = np.full((len(rows), max((len(r) for r in rows), default=0)), fill)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+# ---------------------------------------------------------------- manifest and errors
+
+def read_stored_manifest(store: Store, columns: list[str] | None = None) -> pd.DataFrame | None:
+    """The run root's manifest (the shard of every image), or None before the first run."""
+    return store.read_parquet(MANIFEST_FILE, columns=columns).to_pandas() if store.exists(MANIFEST_FILE) else None
+
+
+def write_manifest(store: Store, manifest: pd.DataFrame, errors: pd.DataFrame) -> None:
+    """manifest: image_id, uri, label, mask_uri, shard; errors: the images rejected while listing."""
+    store.write_parquet(MANIFEST_FILE, pa.Table.from_pandas(manifest, preserve_index=False))
+    store.write_parquet(MANIFEST_ERRORS_FILE, errors_table(errors.to_dict("records")))
+
+
+ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("stage", pa.string()),
+                           ("reason", pa.string())])
+
+
+def errors_table(rows: list[dict]) -> pa.Table:
+    """Rows of image_id, uri, stage (manifest | decode | mask), reason."""
+    return pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA) if rows else ERRORS_SCHEMA.empty_table()
+
+
+def count_errors(store: Store, shards: list[int]) -> int:
+    """Inputs that could not be used: rejected while listing, or while decoding the shards."""
+    return store.read_parquet(MANIFEST_ERRORS_FILE).num_rows + sum(
+        store.read_parquet(file_of("errors", s)).num_rows for s in shards)
+
+
+# ---------------------------------------------------------------- inputs
+
+@dataclass
+class Inputs:
+    """A shard's decoded inputs on the map grid (P = M * M pixels), images in stored order."""
+
+    image_ids: list[str]
+    labels: np.ndarray              # (N,) int64
+    masks: np.ndarray | None        # (N, P) uint8; rows of images without a mask are 0; None: no masks
+    has_mask: np.ndarray            # (N,) bool
+    superpixels: np.ndarray | None  # (N, P) int64 superpixel ids (LIME), else None
+
+
+def encode_inputs(images: list[ImageRef], masks: list[np.ndarray | None], superpixels: np.ndarray | None) -> pa.Table:
+    """masks: one (M, M) uint8 {0, 1} array per image, or None; superpixels: (N, M, M) ids or None."""
+    return pa.table({
+        "image_id": pa.array([i.image_id for i in images], pa.string()),
+        "label": pa.array([int(i.label) for i in images], pa.int64()),
+        "mask": pa.array([None if m is None else m.ravel() for m in masks], pa.list_(pa.uint8())),
+        "superpixels": pa.array([None] * len(images) if superpixels is None else list(superpixels.reshape(
+            len(images), -1).astype(np.int32)), pa.list_(pa.int32())),
+    })
+
+
+def read_inputs(store: Store, shard: int) -> Inputs:
+    t = store.read_parquet(file_of("inputs", shard))
+    n = t.num_rows
+    mask_col = t.column("mask")
+    has_mask = ~np.asarray(mask_col.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    masks = None
+    if has_mask.any():
+        rows = mask_col.to_pylist()
+        width = len(next(r for r in rows if r is not None))
+        masks = np.zeros((n, width), np.uint8)
+        for i, m in enumerate(rows):
+            if m is not None:
+                masks[i] = m
+    sp = t.column("superpixels")
+    superpixels = list_rows(sp).astype(np.int64) if n and sp.null_count == 0 else None
+    return Inputs(t.column("image_id").to_pylist(), t.column("label").to_numpy().astype(np.int64), masks, has_mask,
+                  superpixels)
+
+
+# ---------------------------------------------------------------- attributions
+
+@dataclass
+class Attributions:
+    """One member's stored attributions of one shard, images in stored order."""
+
+    image_ids: list[str]
+    preds: np.ndarray                      # (N,) int64
+    correct: np.ndarray                    # (N,) bool
+    maps: np.ndarray                       # (N, P) float64, as computed (float16 storage scaled back)
+    superpixel_weights: np.ndarray | None  # (N, J) float64 LIME weights, 0 beyond each image's superpixels
+
+
+def encode_attributions(images: list[ImageRef], preds: np.ndarray, maps: np.ndarray, extras: dict[str, list],
+                        map_dtype: str) -> pa.Table:
+    """maps: float32 (N, M, M); extras: name -> one 1-D float array per image (e.g. superpixel weights).
+
+    With `map_dtype: float16` each map is stored scaled to max |m| = 1 with its scale in
+    `attribution_scale`: raw maps sit far below float16's normal range (gradients ~1e-7).
+    """
+    n, m = len(images), maps.shape[-1] if maps.ndim == 3 else 0
+    labels = np.array([int(i.label) for i in images], dtype=np.int64)
+    flat = maps.reshape(n, m * m).astype(np.float32)
+    columns = {
+        "image_id": pa.array([i.image_id for i in images], pa.string()),
+        "label": pa.array(labels),
+        "pred": pa.array(preds.astype(np.int64)),
+        "correct": pa.array(preds == labels),
+        "height": pa.array(np.full(n, m, np.int64)),
+        "width": pa.array(np.full(n, m, np.int64)),
+    }
+    if map_dtype == "float16":
+        scale = np.abs(flat).max(axis=1) if n else np.zeros(0, np.float32)
+        scale[scale == 0] = 1.0
+        columns["attribution"] = list_column((flat / scale[:, None]).astype(np.float16))
+        columns["attribution_scale"] = pa.array(scale.astype(np.float32))
+    else:
+        columns["attribution"] = list_column(flat)
+    for key, rows in extras.items():
+        columns[key] = pa.array([np.asarray(r, np.float32) for r in rows], pa.list_(pa.float32()))
+    return pa.table(columns)
+
+
+def decode_maps(table: pa.Table, pixels: int) -> np.ndarray:
+    """An attributions table's maps as (N, P) float64 (float16 storage: times attribution_scale)."""
+    maps = list_rows(table.column("attribution"), pixels).astype(np.float64)
+    if "attribution_scale" in table.column_names:
+        maps *= table.column("attribution_scale").to_numpy()[:, None]
+    return maps
+
+
+def read_attributions(store: Store, model_id: str, shard: int, pixels: int) -> Attributions:
+    t = store.read_parquet(attributions_file(model_id, shard))
+    weights = _ragged(t.column("superpixel_weights")) if "superpixel_weights" in t.column_names and t.num_rows \
+        else None
+    return Attributions(t.column("image_id").to_pylist(), t.column("pred").to_numpy().astype(np.int64),
+                        t.column("correct").to_numpy(zero_copy_only=False).astype(bool), decode_maps(t, pixels),
+                        weights)
+
+
+def read_maps(store: Store, model_id: str, shard: int, pixels: int) -> dict[str, np.ndarray]:
+    """image_id -> (P,) float64 map of one member's unit (what the report's gallery shows)."""
+    t = store.read_parquet(attributions_file(model_id, shard))
+    return dict(zip(t.column("image_id").to_pylist(), decode_maps(t, pixels)))
+
+
+# ---------------------------------------------------------------- consensus, scores, subcommittees
+
+def encode_consensus(image_ids: list[str], labels: np.ndarray, n_models: int, map_size: int, voted: np.ndarray,
+                     consensus: np.ndarray, masks: np.ndarray | None, has_mask: np.ndarray,
+                     alignment: dict[str, np.ndarray] | None) -> pa.Table:
+    """consensus: (N, P) the vote of the normalised maps; alignment: metric -> (N,) of the vote."""
+    n = len(image_ids)
+    cols = {
+        "image_id": pa.array(image_ids, pa.string()),
+        "label": pa.array(labels),
+        "n_models": pa.array(np.full(n, n_models, np.int64)),
+        "height": pa.array(np.full(n, map_size, np.int64)),
+        "width": pa.array(np.full(n, map_size, np.int64)),
+        "voted": pa.array(voted),
+        "consensus": list_column(consensus.astype(np.float32)) if n else pa.array([], pa.list_(pa.float32())),
+    }
+    if masks is not None:
+        cols["mask"] = pa.array([m if h else None for m, h in zip(masks, has_mask)], pa.list_(pa.uint8()))
+        for metric, values in (alignment or {}).items():
+            cols[metric] = pa.array(values)
+    return pa.table(cols)
+
+
+def read_consensus(store: Store, shard: int, columns: list[str] | None = None) -> pd.DataFrame:
+    return store.read_parquet(file_of("consensus", shard), columns=columns).to_pandas()
+
+
+def encode_scores(image_ids: list[str], model_ids: list[str], labels: np.ndarray, preds: np.ndarray,
+                  correct: np.ndarray, voted: np.ndarray, measure: str, similarities: dict[str, np.ndarray],
+                  alignment: dict[str, np.ndarray] | None) -> pa.Table:
+    """One row per (member, image), members outer: preds, correct, similarities[...] and alignment[...]
+    are (K, N); `measure` names the similarity stored as `consensus_score`."""
+    k, n = len(model_ids), len(image_ids)
+    cols = {
+        "image_id": pa.array(np.tile(np.array(image_ids, dtype=object), k), pa.string()),
+        "model_id": pa.array(np.repeat(np.array(model_ids, dtype=object), n), pa.string()),
+        "label": pa.array(np.tile(labels, k)),
+        "pred": pa.array(preds.ravel()),
+        "correct": pa.array(correct.ravel()),
+        "voted": pa.array(np.tile(voted, k)),
+        "consensus_score": pa.array(similarities[measure].ravel()),
+    }
+    for name, values in {**similarities, **(alignment or {})}.items():
+        cols[name] = pa.array(values.ravel())
+    return pa.table(cols)
+
+
+def read_scores(store: Store, shard: int, columns: list[str] | None = None) -> pd.DataFrame:
+    return store.read_parquet(file_of("scores", shard), columns=columns).to_pandas()
+
+
+SUBCOMMITTEE_SCHEMA = pa.schema([("k", pa.int64()), ("trial", pa.int64()), ("model_id", pa.string()),
+                                 ("score_sum", pa.float64()), ("n_voted", pa.int64())])
+
+
+def encode_subcommittees(rows: list[dict]) -> pa.Table:
+    """Rows of k, trial, model_id, score_sum (over the shard's voted images), n_voted."""
+    return pa.Table.from_pylist(rows, schema=SUBCOMMITTEE_SCHEMA)
+
+
+def read_per_shard(store: Store, kind: str, shards: list[int], columns: list[str] | None = None) -> pd.DataFrame:
+    """The rows of a per-shard table over the given shards."""
+    frames = [store.read_parquet(file_of(kind, s), columns=columns).to_pandas() for s in shards]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns or [])
+
+
+# ---------------------------------------------------------------- run.json
+
+@dataclass
+class StoredRun:
+    """A run root's run.json, its spec parsed (secrets masked in storage come back as unset)."""
+
+    spec: RunSpec
+    info: dict
+
+
+def read_run(store: Store) -> StoredRun:
+    """Raises FileNotFoundError when the root holds no run."""
+    info = store.read_json(RUN_FILE)
+    data = dict(info["spec"])
+    data["storage"] = {k: v for k, v in data["storage"].items() if v != "***"}
+    return StoredRun(parse_spec(data), info)

@@ -1,0 +1,20 @@
+"""Errors a user can fix, and the "did you mean" that makes their one line useful.
+
+A leaf: it imports nothing of the package, so every module may raise `SpecError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class SpecError(ValueError):
+    """A run spec (or its data, weights or cluster) that cannot be run; the message is one line for the user."""
+
+
+def suggest(word: str, valid: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest valid name, else ' (valid: a, b, c)'."""
+    valid = list(valid)
+    close = difflib.get_close_matches(str(word), valid, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"

@@ -1,0 +1,81 @@
+"""The explainer interface and its registry (a leaf: it imports no explainer).
+
+Every explainer maps a batch of images on the run's shared image grid to one attribution map
+per image:
+
+    explain(model, preprocess, images, target, segments=None, seeds=None) -> {"map": Tensor (B, h, w), ...}
+
+* `model`: a classifier returning logits (B, n_classes), in eval mode, on the actor's device.
+* `preprocess`: the member's own, differentiable preprocessing (resize to its input size,
+  normalise with its mean/std; see `committee.Preprocess`), images (B, 3, S, S) -> (B, 3, h, w).
+* `images`: float32 (B, 3, S, S) in [0, 1], the shared crop every member sees.
+* `target`: int64 (B,), the class explained.
+* `segments`: int64 (B, S, S) superpixel ids, for explainers whose params `needs_segments`.
+* `seeds`: int64 (B,) one seed per image for stochastic explainers (None: torch's global
+  generator), so an image's map depends on its own seed, not on the images batched with it.
+
+"map" is float32 (B, h, w) on any grid (the actor resamples it to the run's map grid);
+channels are already reduced. Extra keys (e.g. LIME's per-superpixel weights) are stored too.
+
+An explainer is constructed from its typed parameters (`explainer_params`), or, for
+convenience, from keyword values parsed into them: `Lime(n_samples=300)`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar
+
+from torch import Tensor, nn
+
+from ray_consensus.explainer_params import ExplainerParams, parse_params
+
+EXPLAINERS: dict[str, type["Explainer"]] = {}
+
+
+def register(cls):
+    """Class decorator: make an explainer available under its parameters' name."""
+    EXPLAINERS[cls.params_type.name] = cls
+    return cls
+
+
+class Explainer:
+    params_type: ClassVar[type[ExplainerParams]]
+
+    def __init__(self, params: ExplainerParams | None = None, /, **values):
+        self.params = params if params is not None else parse_params(self.params_type.name, values)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise SpecError when this explainer cannot explain `model` (checked before any Ray work)."""
+
+    def explain(self, model: nn.Module, preprocess: Callable[[Tensor], Tensor], images: Tensor,
+                target: Tensor, segments: Tensor | None = None, seeds: Tensor | None = None) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+def create_explainer(params: ExplainerParams) -> Explainer:
+    """The explainer the parameters belong to (its module must have been imported: see the package)."""
+    return EXPLAINERS[params.name](params)
+
+
+def class_score(model: nn.Module, x: Tensor, target: Tensor, output: str) -> Tensor:
+    """The scalar explained per image, (B,): the class probability (softmax) or the raw logit."""
+    logits = model(x).float()
+    scores = logits.softmax(dim=1) if output == "probability" else logits
+    return scores.gather(1, target[:, None])[:, 0]
+
+
+def reduce_channels(attr: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B, h, w): sum of absolute values over channels (DESIGN section 3)."""
+    return attr.abs().sum(dim=1)
+
+
+class ScoreModel(nn.Module):
+    """Wraps a classifier so captum sees the explained score per class (probability or logit)."""
+
+    def __init__(self, model: nn.Module, output: str):
+        super().__init__()
+        self.model, self.output = model, output
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.model(x).float()
+        return logits.softmax(dim=1) if self.output == "probability" else logits

@@ -1,0 +1,206 @@
+"""The plan: every unit a run needs, the fingerprint each must carry, and which are already done.
+
+A unit is a folder of the run root written whole, with a marker `_done-<fingerprint>` (see
+`units`). Its fingerprint hashes exactly what its content is computed from, so comparing it
+with the stored marker decides whether the unit is recomputed. The rule (also in the README):
+
+    inputs of shard s        the shard's images (image_id, uri, label, mask_uri), run.image_size,
+                             run.map_size, dataset.mask_foreground; for explainers with superpixels
+                             (LIME) the explainer's parameters
+    attributions (m, s)      member m's id, arch, weights and kwargs; the explainer's name and every
+                             parameter; method.target, method.seed, run.map_dtype; resources.autocast
+                             unless it is none (float32); and the inputs fingerprint of s
+    reduce unit of s         each member's attribution fingerprint, every method option but
+                             method.bootstrap (a table option), and the robustness sub-committees
+
+Not in any fingerprint: how the work is executed, which changes the maps at most by float
+rounding (resources.batch_size and committee[].batch_size, actors, GPUs, CPUs, channels_last;
+SmoothGrad's noise is drawn per image, so batching does not change it), where the results go
+(storage), and what the report shows (run.gallery). run.shard_size is fixed per run root by
+its manifest. `tests/test_plan.py` states the rule change by change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from ray_consensus import consensus as cm
+from ray_consensus.config import RunSpec
+from ray_consensus.contract import ImageRef, read_stored_manifest
+from ray_consensus.data import Manifest, assign_shards
+from ray_consensus.storage import Store
+from ray_consensus.units import attributions_dir, completed, shard_dir, write_unit
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of the run root: its folder, the fingerprint it must carry now, and the one its
+    marker carries (None: no marker)."""
+
+    folder: str
+    fingerprint: str
+    stored: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.stored == self.fingerprint
+
+    def write(self, store: Store, tables: dict) -> None:
+        """Write the unit's files (relative path -> pyarrow table) whole, replacing a stale marker."""
+        write_unit(store, self.folder, self.fingerprint, tables, self.stored)
+
+
+@dataclass
+class ShardPlan:
+    """The units of one shard."""
+
+    shard: int
+    inputs: Unit
+    attributions: dict[str, Unit]   # model_id -> unit, in committee order
+    reduce: Unit
+
+    @property
+    def models_to_compute(self) -> list[str]:
+        return [m for m, u in self.attributions.items() if not u.done]
+
+    @property
+    def needs_decode(self) -> bool:
+        return not self.inputs.done or bool(self.models_to_compute)
+
+
+@dataclass
+class Plan:
+    manifest: pd.DataFrame             # image_id, uri, label, mask_uri, shard; sorted by shard, image_id
+    shards: dict[int, ShardPlan]       # in shard order
+    subsets: list                      # robustness sub-committees: (k, trial, member indices)
+    _rows: dict[int, tuple[int, int]]  # shard -> its row range in `manifest`
+
+    @property
+    def shard_ids(self) -> list[int]:
+        return list(self.shards)
+
+    def n_images(self, shard: int) -> int:
+        start, stop = self._rows[shard]
+        return stop - start
+
+    def images(self, shard: int) -> list[ImageRef]:
+        start, stop = self._rows[shard]
+        rows = self.manifest.iloc[start:stop]
+        return [ImageRef(i, u, int(lab), None if pd.isna(mk) else mk)
+                for i, u, lab, mk in zip(rows["image_id"], rows["uri"], rows["label"], rows["mask_uri"])]
+
+    def to_attribute(self) -> list[ShardPlan]:
+        """Shards with inputs or attribution units to compute."""
+        return [p for p in self.shards.values() if p.needs_decode]
+
+    def to_reduce(self) -> list[ShardPlan]:
+        return [p for p in self.shards.values() if not p.reduce.done]
+
+    def summary(self, spec: RunSpec, manifest: Manifest) -> dict:
+        """Counts for run.json and `validate`: images, shards, units to compute, passes."""
+        fwd, bwd = spec.explainer.params.passes_per_image()
+        todo = [(p.shard, len(p.models_to_compute)) for p in self.shards.values()]
+        todo_images = sum(self.n_images(s) * k for s, k in todo)
+        return {
+            "images": int(len(self.manifest)), "shards": len(self.shards), "models": len(spec.committee),
+            "classes": manifest.num_classes, "manifest_errors": int(len(manifest.errors)),
+            "attribution_units": len(self.shards) * len(spec.committee),
+            "attribution_units_to_compute": sum(k for _, k in todo),
+            "reduce_units_to_compute": len(self.to_reduce()),
+            "forward_passes": todo_images * (fwd + 1), "backward_passes": todo_images * bwd,
+        }
+
+
+def robustness_sizes(spec: RunSpec) -> list[int]:
+    """Sub-committee sizes of the robustness table: the spec's, else up to 5 sizes from 3 to K-1."""
+    k = len(spec.committee)
+    if spec.method.robustness_sizes:
+        return [int(s) for s in spec.method.robustness_sizes]
+    return sorted({s for s in np.linspace(3, k - 1, num=min(5, max(k - 3, 0))).round().astype(int)} if k > 3
+                  else set())
+
+
+# ---------------------------------------------------------------- fingerprint recipes
+
+class _Recipe:
+    """fingerprint(*parts) with one part filled in per unit: the JSON around a placeholder is built
+    once, so a million units cost a hash each (the same hash as `units.fingerprint(*parts)`)."""
+
+    _HOLE = "\x00hole\x00"
+
+    def __init__(self, *parts):
+        text = json.dumps(parts, sort_keys=True, default=str)
+        self.prefix, self.suffix = (p.encode() for p in text.split(json.dumps(self._HOLE)))
+
+    def __call__(self, part_json: str) -> str:
+        h = hashlib.sha256(self.prefix)
+        h.update(part_json.encode())
+        h.update(self.suffix)
+        return h.hexdigest()[:16]
+
+
+def inputs_recipe(spec: RunSpec) -> _Recipe:
+    params = spec.explainer.params
+    return _Recipe("inputs", _Recipe._HOLE, spec.run.image_size, spec.run.map_size, spec.dataset.mask_foreground,
+                   params.as_dict() if params.needs_segments else None)
+
+
+def attribution_recipe(spec: RunSpec, member) -> _Recipe:
+    precision = [spec.resources.autocast] if spec.resources.autocast != "none" else []
+    return _Recipe("attr", member.id, member.arch, member.weights, member.kwargs, spec.explainer.name,
+                   spec.explainer.params.as_dict(), spec.method.target, spec.method.seed, spec.run.map_dtype,
+                   _Recipe._HOLE, *precision)
+
+
+def reduce_recipe(spec: RunSpec, subsets: list) -> _Recipe:
+    method = dataclasses.asdict(spec.method)
+    method.pop("bootstrap")  # a table-level option: reduced shards do not depend on it
+    return _Recipe("reduce", _Recipe._HOLE, method, [(k, t, list(map(int, idx))) for k, t, idx in subsets])
+
+
+def _shard_contents(table: pd.DataFrame) -> list[str]:
+    """Each row's (image_id, uri, label, mask_uri) as the JSON list of strings the inputs recipe hashes."""
+    text = table[["image_id", "uri", "label", "mask_uri"]].astype(str)
+    encode = json.JSONEncoder().encode
+    return [encode(row) for row in zip(text["image_id"], text["uri"], text["label"], text["mask_uri"])]
+
+
+# ---------------------------------------------------------------- the plan
+
+def make_plan(spec: RunSpec, store: Store, manifest: Manifest, force: bool = False) -> Plan:
+    """The plan of `spec` over the data set's manifest and what the run root holds (`force`: as if it
+    held nothing). Images keep the shard the run root's manifest gave them; new ones fill new shards."""
+    previous = read_stored_manifest(store)
+    table = assign_shards(manifest.table, previous, spec.run.shard_size)
+    table = table.sort_values(["shard", "image_id"], kind="stable").reset_index(drop=True)
+    shard_col = table["shard"].to_numpy()
+    ids = np.unique(shard_col)
+    starts = np.searchsorted(shard_col, ids, side="left")
+    stops = np.searchsorted(shard_col, ids, side="right")
+    rows = {int(s): (int(a), int(b)) for s, a, b in zip(ids, starts, stops)}
+    subsets = cm.subcommittees(len(spec.committee), robustness_sizes(spec), spec.method.robustness_trials,
+                               spec.method.seed)
+    done = {} if force else completed(store, "")
+
+    contents = _shard_contents(table)
+    inputs_fp, attr_recipes = inputs_recipe(spec), [(m.id, attribution_recipe(spec, m)) for m in spec.committee]
+    reduce_fp = reduce_recipe(spec, subsets)
+    member_json = [json.dumps(m.id) for m in spec.committee]
+    shards = {}
+    for s, (start, stop) in rows.items():
+        ifp = inputs_fp("[" + ", ".join(contents[start:stop]) + "]")
+        attr = {}
+        for model_id, recipe in attr_recipes:
+            folder = attributions_dir(model_id, s)
+            attr[model_id] = Unit(folder, recipe(json.dumps(ifp)), done.get(folder))
+        pairs = ", ".join(f'[{mj}, "{u.fingerprint}"]' for mj, u in zip(member_json, attr.values()))
+        inputs_dir, reduce_dir = shard_dir("inputs", s), shard_dir("consensus", s)
+        shards[s] = ShardPlan(s, Unit(inputs_dir, ifp, done.get(inputs_dir)), attr,
+                              Unit(reduce_dir, reduce_fp(f"[{pairs}]"), done.get(reduce_dir)))
+    return Plan(table, shards, subsets, rows)
