@@ -40,6 +40,27 @@ def test_smoothgrad_matches_captum_noise_tunnel(model, preprocess):
         torch.testing.assert_close(ours, ref.abs().sum(dim=1), rtol=1e-4, atol=1e-7)
 
 
+def test_smoothgrad_with_seeds_draws_each_images_noise_from_its_own_generator(model, preprocess):
+    """With per-image seeds, image i's map is NoiseTunnel's under torch.manual_seed(seeds[i]), whatever
+    the batch it is in and however many copies share a pass."""
+    torch.manual_seed(3)
+    images = torch.rand(3, 3, 32, 32)
+    target = torch.tensor([2, 0, 1])
+    seeds = torch.tensor([11, 12, 13])
+    batched = EXPLAINERS["smoothgrad"](n_samples=6, samples_per_pass=4, noise_level=0.2).explain(
+        model, preprocess, images, target, seeds=seeds)["map"]
+    for i in range(3):
+        alone = EXPLAINERS["smoothgrad"](n_samples=6, samples_per_pass=6, noise_level=0.2).explain(
+            model, preprocess, images[i:i + 1], target[i:i + 1], seeds=seeds[i:i + 1])["map"]
+        torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-4, atol=1e-7)
+        x = preprocess(images[i:i + 1])
+        torch.manual_seed(int(seeds[i]))
+        nt = NoiseTunnel(Saliency(ScoreModel(model, "probability")))
+        ref = nt.attribute(x, nt_type="smoothgrad", nt_samples=6, nt_samples_batch_size=6,
+                           stdevs=0.2 * float(x.max() - x.min()), target=target[i:i + 1], abs=False)
+        torch.testing.assert_close(alone, ref.abs().sum(dim=1), rtol=1e-4, atol=1e-7)
+
+
 def test_smoothgrad_noise_scales_with_each_images_range(model, preprocess):
     # noise_level 0 -> plain gradient, whatever the seed; this pins the per-image std formula's zero point.
     images = torch.rand(2, 3, 32, 32)
