@@ -142,15 +142,12 @@ def timings_text(info: dict) -> str:
     return ", ".join(f"{k} {t[k]:.1f} s" for k in ("attributions_s", "reduce_s", "tables_s", "total_s") if k in t)
 
 
-def actor_threads(spec: RunSpec) -> tuple[float, int]:
-    """CPUs per attribution actor for this spec on this cluster, and the torch threads it runs with."""
-    import ray
+def slots_of(spec: RunSpec):
+    """The schedule of this spec on this cluster: slots, CPUs and torch threads of each."""
+    from ray_consensus.cluster import cluster_capacity
+    from ray_consensus.schedule import make_schedule
 
-    from ray_consensus.pipeline import StageContext, size_stages
-
-    ctx = StageContext(spec, 0, None)
-    size_stages(ctx, len(spec.committee), ray.cluster_resources())
-    return ctx.actor_cpus, ctx.torch_threads
+    return make_schedule(spec, len(spec.committee), cluster_capacity(spec), 1)
 
 
 def pipeline_vs_loop(spec: RunSpec, n: int, steps, time_cap_s: float):
@@ -189,13 +186,14 @@ def end_to_end(work: Path, scale: float) -> dict:
     ratio, bare_text, bare_usage, info, used = pipeline_vs_loop(
         spec, n, smoothgrad_batches(model, pre, explainer, pixels, labels, batch), time_cap_s=45 * scale)
     say(Figure("smoothgrad_end_to_end_vs_bare_loop", ratio, ".2f", ">= 0.85", ratio >= 0.85).line())
-    cpus, threads = actor_threads(spec)
+    sched = slots_of(spec)
     note(f"{n} PNG images {PHOTO[1]}x{PHOTO[0]} -> {spec.run.image_size} px crops; resnet10t (random init, input "
          f"{pre.size[0]} px), SmoothGrad n_samples={spec.explainer.params.n_samples}, batch {batch}, "
          f"shard_size {spec.run.shard_size}, map {spec.run.map_size} px float32")
     note(f"end to end: {n / used.wall_s:.2f} img/s = {n} images / {used.wall_s:.1f} s, the wall time of execute(): "
          f"preflight, plan, actor start-up (process, imports, model), decode, explain, Parquet, reduce, tables, "
-         f"report (Ray itself started earlier); actor: {cpus:g} CPU -> {threads} torch thread(s); {cpu_text(used)}")
+         f"report (Ray itself started earlier); slot: {sched.slot_cpus:g} CPU -> {sched.torch_threads} torch "
+         f"thread(s); {cpu_text(used)}")
     note(f"run.json timings: {timings_text(info)}")
     note(f"bare loop (pre-decoded images, explain() only, warm): {bare_text}; the faster is the denominator; "
          f"{cpu_text(bare_usage)}")
@@ -314,11 +312,11 @@ def committee_vs_sequential(work: Path, scale: float) -> tuple[dict, RunSpec]:
                                   Lime(**params).params, spec.run.image_size, spec.run.map_size)
     ratio, seq_text, seq_usage, info, used = pipeline_vs_loop(spec, n, steps, time_cap_s=35 * scale)
     say(Figure("committee_pipeline_vs_sequential_loop", ratio, ".2f", ">= 3", ratio >= 3).line())
-    cpus, threads = actor_threads(spec)
+    sched = slots_of(spec)
     note(f"{n} PNG images with masks; the demo's committee (7 architectures at their trained input sizes, random "
          f"init) and LIME run ({params}, {spec.run.image_size} px grid, {spec.run.map_size} px maps, batch "
-         f"{spec.resources.batch_size}, shard_size {spec.run.shard_size}); {len(members)} actors x {cpus:g} CPU -> "
-         f"{threads} torch thread(s) each")
+         f"{spec.resources.batch_size}, shard_size {spec.run.shard_size}); {len(members)} members on {sched.slots} "
+         f"slot(s) x {sched.slot_cpus:g} CPU -> {sched.torch_threads} torch thread(s) each")
     note(f"pipeline: {n / used.wall_s:.2f} img/s ({n} images, {used.wall_s:.1f} s wall of execute(), actor start-up "
          f"included); run.json: {timings_text(info)}; {cpu_text(used)}")
     note(f"sequential loop (per image: decode, superpixels, each model in turn through captum Lime.attribute with "

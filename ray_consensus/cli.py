@@ -68,6 +68,7 @@ def build_spec(spec_file: Optional[Path], dataset=None, models=None, explainer=N
 
 
 def _guard(fn, *args, **kwargs):
+    from ray_consensus.errors import ClusterError
     from ray_consensus.lease import LeaseHeld
     from ray_consensus.storage import StorageError
 
@@ -75,6 +76,8 @@ def _guard(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except (SpecError, StorageError, LeaseHeld) as e:
         fail(str(e))
+    except ClusterError as e:
+        fail(str(e), code=1)
 
 
 @app.command()
@@ -113,7 +116,8 @@ def validate(spec_file: Optional[Path] = SPEC_ARG, dataset: Optional[str] = DATA
              output: Optional[str] = OUTPUT, set_: Optional[list[str]] = SET,
              schema: bool = typer.Option(False, "--schema", help="print every spec key with its default and help"),
              as_json: bool = typer.Option(False, "--json", help="print the plan as JSON")):
-    """Check a spec in seconds, without Ray, and print the plan (images, shards, models, passes)."""
+    """Check a spec in seconds, without Ray, and print the plan (images, shards, models, passes) and the
+    schedule (slots, rounds, resources)."""
     if schema:
         from ray_consensus.config import schema_text
 
@@ -126,6 +130,7 @@ def validate(spec_file: Optional[Path] = SPEC_ARG, dataset: Optional[str] = DATA
     store, manifest = _guard(preflight, spec)
     plan = _guard(make_plan, spec, store, manifest)
     summary = plan.summary(spec, manifest)
+    summary["schedule"] = _guard(planned_schedule, spec, plan)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -135,6 +140,21 @@ def validate(spec_file: Optional[Path] = SPEC_ARG, dataset: Optional[str] = DATA
     typer.echo(f"to compute: {summary['attribution_units_to_compute']}/{summary['attribution_units']} attribution "
                f"units, {summary['reduce_units_to_compute']} reduce units; "
                f"{summary['forward_passes']:,} forward and {summary['backward_passes']:,} backward passes")
+    typer.echo(f"schedule: {summary['schedule']}")
+
+
+def planned_schedule(spec, plan) -> str:
+    """The schedule `run` would use, for the capacity validate can know without a cluster."""
+    from ray_consensus.schedule import Capacity, make_schedule
+
+    attribute = plan.to_attribute()
+    members = {m for p in attribute for m in p.models_to_compute}
+    if not members:
+        return "nothing to attribute"
+    if spec.resources.num_gpus > 0 and spec.resources.max_gpus is None:
+        return (f"{len(members)} members on GPU slots of {spec.resources.num_gpus:g} GPU each: how many run at once "
+                f"depends on the cluster's GPUs, read when the run starts (set resources.max_gpus to see it here)")
+    return make_schedule(spec, len(members), Capacity.of_spec_or_machine(spec), len(attribute)).describe()
 
 
 @app.command()

@@ -92,10 +92,21 @@ class RunSection:
 
 @dataclass
 class ResourcesSpec:
-    actors_per_model: int = _f(1, "actors in each model's pool", low=1)
-    num_gpus: float = _f(0.0, "GPUs per actor (0 on CPU; fractions share a GPU)", low=0)
-    num_cpus: float | None = _f(None, "CPUs per actor (default: 1 with GPUs; on CPU-only clusters the CPUs "
-                                      "shared out so that every member's pool fits at once)", low=0, open_low=True)
+    actors_per_model: int = _f(1, "slots that share one member's shards of a window (each loads the member); "
+                                  "raise it to use more GPUs than there are members", low=1)
+    num_gpus: float = _f(0.0, "GPUs per slot, the actor that holds one member at a time (0: CPU slots; "
+                              "fractions share a GPU)", low=0)
+    num_cpus: float | None = _f(None, "CPUs per slot (default: 1, or less where the cluster's CPUs must be "
+                                      "shared out among the slots and the decode tasks)", low=0, open_low=True)
+    max_gpus: float | None = _f(None, "GPUs the cluster can grow to (default: what it has, or what its "
+                                      "autoscaler's node types allow); sets the number of GPU slots", low=0)
+    max_cpus: float | None = _f(None, "CPUs the cluster can grow to (default: what it has, or what its "
+                                      "autoscaler's node types allow)", low=0, open_low=True)
+    window_shards: int | None = _f(None, "shards decoded and held in the object store at once while the slots "
+                                         "take members one after another (default: what fits a fifth of it)",
+                                   low=1)
+    slot_wait_s: float = _f(1200.0, "how long to wait for the first slot to be placed before failing (an "
+                                    "autoscaler may take minutes to add a node)", low=0, open_low=True)
     batch_size: int = _f(16, "images per forward batch (per member override: committee[].batch_size)", low=1)
     autocast: str = _f("none", "precision on GPU actors: none (float32 with TF32 off, the closest to CPU runs), "
                                "tf32 (float32 storage, TF32 matrix maths), bf16 or fp16 autocast",

@@ -13,6 +13,10 @@ class SpecError(ValueError):
     """A run spec (or its data, weights or cluster) that cannot be run; the message is one line for the user."""
 
 
+class ClusterError(RuntimeError):
+    """The cluster did not provide what the run needs (e.g. no slot placed in time); one line for the user."""
+
+
 def suggest(word: str, valid: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest valid name, else ' (valid: a, b, c)'."""
     valid = list(valid)

@@ -1,34 +1,48 @@
-"""The attribution pipeline on Ray Data, shard by shard:
+"""The attribution stage on Ray: windows of shards decoded once by Ray Data, explained by slots.
 
-    ShardTask ─► DecodeShard (CPU tasks) ─► DecodedShard ─► ExplainShard[model A] ─► ExplainShard[model B] ─► … ─► ShardDone
+    ShardTask ─► Ray Data: DecodeShard (CPU tasks) ─► a window of decoded shards in the object store
+                                                             │
+                           Slot 1: member a, then member c, … ┤  (each slot holds one member at a time
+                           Slot 2: member b, then member d, … ┘   on its GPU or CPU share)
+                                                             ▼
+                                  attributions/model=…/shard=…  ─► ShardDone ─► the shard's reduce
 
-Rows between the stages (one row per shard, `{"payload": pickled record}`):
+The schedule (`schedule.py`) fixes how many slots run and how much each holds. The driver's
+`Dispatcher` decodes the shards a window at a time (the next window while the slots work on
+the current one; two windows at most are held), and hands each idle slot a work item: one
+member over the window's shards, preferring the member the slot already holds. A slot that
+switches members loads the next member's weights in the same process: no process per member.
+A shard is done when every member's unit of it is written; the driver then starts its reduce.
+
+Records between the stages:
 
 * `ShardTask`: the shard, its images (`contract.ImageRef`), its inputs unit and the attribution
   units still to compute.
 * `DecodedShard`: the task, the images that decoded, their pixels on the shared grid and their
-  superpixels. `DecodeShard` writes the shard's `inputs/` and `errors/` unit (when stale).
-* `ShardDone` (the last stage's row): what the driver needs, without the pixels: the shard is
-  fully written, so its reduce can start.
-
-Each committee member has its own actor pool; an actor loads its model once, explains the
-shard's images in batches and writes the (model, shard) attribution unit whole.
+  superpixels. `DecodeShard` writes the shard's `inputs/` and `errors/` unit (when not done).
+  A decoded window is a list of Arrow blocks with columns `shard` (int64) and `payload`
+  (the pickled `DecodedShard`), so a slot unpickles only the shards it explains.
+* `ShardDone`: what the driver learns of a shard whose units are all written.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import pickle
-import sys
+import socket
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ray_consensus.config import RunSpec
 from ray_consensus.contract import ImageRef, attributions_file, encode_attributions, encode_inputs, errors_table, \
     file_of
+from ray_consensus.errors import ClusterError
 from ray_consensus.plan import Unit
+from ray_consensus.schedule import Schedule
 from ray_consensus.storage import Store, read_uri_bytes
 from ray_consensus.units import fingerprint
 
@@ -56,11 +70,12 @@ class DecodedShard:
 
 @dataclass
 class ShardDone:
-    """A shard whose units are all written."""
+    """A shard whose units are all written: its images and the inputs that could not be used (None when
+    only its inputs unit was written: no slot saw it), the members computed for it in this run."""
 
     shard: int
-    n_images: int
-    n_errors: int
+    n_images: int | None
+    n_errors: int | None
     models: list[str]
 
 
@@ -69,11 +84,8 @@ class StageContext:
     spec: RunSpec
     num_classes: int
     store: Store
+    schedule: Schedule
     segmentation: dict | None = None  # `superpixels.segment` settings when the explainer needs them (`segmentation_of`)
-    # Set by `size_stages` for the pools of one run:
-    actor_cpus: float = 1.0      # CPUs of each attribution actor
-    light_cpus: float = 1.0      # CPUs of each decode or reduce task
-    torch_threads: int = 1       # torch threads of a CPU actor
 
 
 def segmentation_of(spec: RunSpec) -> dict | None:
@@ -83,27 +95,14 @@ def segmentation_of(spec: RunSpec) -> dict | None:
     return params.segment_settings() if params.needs_segments else None
 
 
-def _payloads(records: list) -> dict:
-    return {"payload": np.array([pickle.dumps(r) for r in records], dtype=object)}
-
-
-def _records(batch: dict) -> list:
-    return [pickle.loads(p) for p in batch["payload"]]
-
-
-def done_row(shard: DecodedShard) -> ShardDone:
-    return ShardDone(shard.task.shard, len(shard.images), len(shard.task.images) - len(shard.images),
-                     sorted(shard.task.attributions))
-
-
 # ---------------------------------------------------------------- decode (CPU)
 
-def decode_shards(batch: dict, ctx: StageContext, last: bool) -> dict:
-    """Ray Data task stage: ShardTask rows -> DecodedShard rows (ShardDone rows when no model stage
-    follows: only inputs units to write)."""
+def decode_shards(batch: dict, ctx: StageContext) -> dict:
+    """Ray Data task stage: rows of pickled ShardTasks -> rows of (shard, pickled DecodedShard)."""
     stage = DecodeShard(ctx)
-    shards = [stage.decode(task) for task in _records(batch)]
-    return _payloads([done_row(s) for s in shards] if last else shards)
+    shards = [stage.decode(pickle.loads(p)) for p in batch["payload"]]
+    return {"shard": np.array([s.task.shard for s in shards], np.int64),
+            "payload": np.array([pickle.dumps(s) for s in shards], dtype=object)}
 
 
 class DecodeShard:
@@ -159,66 +158,120 @@ def on_grid(segments: np.ndarray, map_size: int) -> np.ndarray:
     return segments[np.ix_(idx, idx)].astype(np.int32)
 
 
-# ---------------------------------------------------------------- explain (one pool per model)
+def decode_window(ctx: StageContext, tasks: list[ShardTask]) -> list:
+    """Decode a window's shards with Ray Data; returns the decoded blocks' object refs (driver-owned,
+    so a block lost with its node is decoded again from its lineage)."""
+    import ray
+
+    ds = ray.data.from_items([{"payload": pickle.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
+    return ds.map_batches(decode_shards, fn_args=(ctx,), batch_size=1, num_cpus=ctx.schedule.light_cpus
+                          ).to_arrow_refs()
+
+
+# ---------------------------------------------------------------- explain: slots
 
 def image_seeds(seed: int, model_id: str, images: list[ImageRef]) -> np.ndarray:
     """One seed per (member, image) for stochastic explainers: a recomputed unit draws the same noise,
-    whatever the batch, the actor or the run (on one kind of device)."""
+    whatever the batch, the slot or the run (on one kind of device)."""
     return np.array([int(fingerprint(seed, model_id, i.image_id), 16) % 2**63 for i in images], dtype=np.int64)
 
 
-class ExplainShard:
-    """Holds one committee member on the actor's device; explains whole shards."""
+class LoadedMember:
+    """A member's model and preprocessing on a slot's device, with its explainer and batch size."""
 
-    def __init__(self, ctx: StageContext, model_id: str, last: bool):
-        if ctx.spec.resources.num_gpus == 0:
-            # A CPU actor shares its cores with decode and reduce tasks and Ray's own processes: OpenMP
-            # threads that spin while they wait take CPU from those (5% of the actor's CPU time in
-            # benchmark figure 1). Read once, when torch loads OpenMP; a value set by the user wins.
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    def __init__(self, ctx: StageContext, model_id: str, device):
         import torch
 
         from ray_consensus.committee import Preprocess, create_member_model, member_data_config
         from ray_consensus.explainers import create_explainer
 
-        self.ctx, self.model_id, self.last = ctx, model_id, last
         spec = ctx.spec
         member = spec.member(model_id)
-        self.device = torch.device("cuda" if spec.resources.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        self.model_id = model_id
         model = create_member_model(member, ctx.num_classes, spec.storage)
-        self.preprocess = Preprocess(member_data_config(model)).to(self.device)
-        if spec.resources.channels_last and self.device.type == "cuda":
+        self.preprocess = Preprocess(member_data_config(model)).to(device)
+        if spec.resources.channels_last and device.type == "cuda":
             model = model.to(memory_format=torch.channels_last)
-        self.model = model.to(self.device)
+        self.model = model.to(device)
         for p in self.model.parameters():
             p.requires_grad_(False)  # gradients w.r.t. inputs only
         self.explainer = create_explainer(spec.explainer.params)
         self.batch_size = member.batch_size or spec.resources.batch_size
-        if self.device.type == "cpu":  # Ray sets one thread for a fractional CPU; use the actor's share
-            torch.set_num_threads(ctx.torch_threads)
+
+
+class Slot:
+    """A Ray actor that holds at most one committee member at a time on its device and explains whole
+    shards with it; switching members loads the next member's weights in the same process."""
+
+    def __init__(self, ctx: StageContext):
+        if ctx.schedule.slot_gpus == 0:
+            # A CPU slot shares its cores with decode and reduce tasks and Ray's own processes: OpenMP
+            # threads that spin while they wait take CPU from those (5% of the slot's CPU time in
+            # benchmark figure 1). Read once, when torch loads OpenMP; a value set by the user wins.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        import timm  # noqa: F401  (imported once per process, not in the first member's load time)
+        import torch
+
+        import ray_consensus.explainers  # noqa: F401
+
+        self.ctx = ctx
+        spec = ctx.spec
+        self.device = torch.device("cuda" if ctx.schedule.slot_gpus > 0 and torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":  # Ray sets one thread for a fractional CPU; use the slot's share
+            torch.set_num_threads(ctx.schedule.torch_threads)
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.resources.autocast)
         if self.device.type == "cuda":  # torch lets cuDNN use TF32 by default; "none" means float32 throughout
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = \
                 spec.resources.autocast == "tf32"
+        self.member: LoadedMember | None = None
+        self.loads: list[tuple[str, float]] = []  # (member, seconds) of every load, for the run's timings
 
-    def __call__(self, batch: dict) -> dict:
-        shards = _records(batch)
-        for shard in shards:
-            if self.model_id in shard.task.attributions:
-                self.explain_shard(shard)
-        return _payloads([done_row(s) for s in shards]) if self.last else batch
+    def ready(self) -> str:
+        """Answers once the slot is placed and started: the node it runs on."""
+        return socket.gethostname()
 
-    def explain_shard(self, shard: DecodedShard) -> None:
+    def load(self, model_id: str) -> LoadedMember:
+        if self.member is None or self.member.model_id != model_id:
+            import torch
+
+            self.member = None  # one model per device at a time: free the last one first
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            t0 = time.perf_counter()
+            self.member = LoadedMember(self.ctx, model_id, self.device)
+            self.loads.append((model_id, round(time.perf_counter() - t0, 3)))
+        return self.member
+
+    def explain(self, model_id: str, shards: list[int], blocks: list):
+        """Explain `shards` (found in the decoded window's `blocks`) with member `model_id`, writing each
+        (member, shard) unit whole; a generator (Ray streams it): one ShardDone as each unit is written."""
+        import ray
+
+        member, wanted = self.load(model_id), set(shards)
+        for ref in blocks:
+            table = ray.get(ref)
+            for shard_id, payload in zip(table.column("shard").to_pylist(), table.column("payload")):
+                if shard_id in wanted:
+                    shard = pickle.loads(payload.as_py())
+                    self.explain_shard(member, shard)
+                    yield ShardDone(shard_id, len(shard.images), len(shard.task.images) - len(shard.images),
+                                    [model_id])
+
+    def take_loads(self) -> list[tuple[str, float]]:
+        out, self.loads = self.loads, []
+        return out
+
+    def explain_shard(self, member: LoadedMember, shard: DecodedShard) -> None:
         import torch
 
-        seeds = image_seeds(self.ctx.spec.method.seed, self.model_id, shard.images)
+        seeds = image_seeds(self.ctx.spec.method.seed, member.model_id, shard.images)
         labels = np.array([i.label for i in shard.images], dtype=np.int64)
         maps, extras, preds = [], {}, []
-        for start in range(0, len(shard.images), self.batch_size):
-            stop = start + self.batch_size
+        for start in range(0, len(shard.images), member.batch_size):
+            stop = start + member.batch_size
             x = torch.from_numpy(shard.pixels[start:stop]).to(self.device).permute(0, 3, 1, 2).float().div_(255)
             seg = None if shard.segments is None else torch.from_numpy(shard.segments[start:stop]).to(self.device).long()
-            out, pred = self.explain_batch(x, torch.from_numpy(labels[start:stop]).to(self.device), seg,
+            out, pred = self.explain_batch(member, x, torch.from_numpy(labels[start:stop]).to(self.device), seg,
                                            torch.from_numpy(seeds[start:stop]))
             maps.append(out.pop("map"))
             for k, v in out.items():  # per-image vectors, NaN-padded per batch (e.g. superpixel weights)
@@ -228,115 +281,187 @@ class ExplainShard:
         table = encode_attributions(shard.images, np.concatenate(preds) if preds else np.zeros(0, np.int64),
                                     np.concatenate(maps) if maps else np.zeros((0, m, m), np.float32), extras,
                                     self.ctx.spec.run.map_dtype)
-        unit = shard.task.attributions[self.model_id]
-        unit.write(self.ctx.store, {attributions_file(self.model_id, shard.task.shard): table})
+        unit = shard.task.attributions[member.model_id]
+        unit.write(self.ctx.store, {attributions_file(member.model_id, shard.task.shard): table})
 
-    def explain_batch(self, x, labels, seg, seeds):
-        import torch
-
-        from ray_consensus.committee import resample_maps
-
-        with self.autocast_ctx():
-            with torch.no_grad():
-                pred = self.model(self.preprocess(x)).argmax(dim=1)
-            target = pred if self.ctx.spec.method.target == "prediction" else labels
-            out = self.explainer.explain(self.model, self.preprocess, x, target, seg, seeds)
-        out["map"] = resample_maps(out["map"].float(), self.ctx.spec.run.map_size)
-        return {k: v.detach().float().cpu().numpy() for k, v in out.items()}, pred.cpu().numpy()
-
-    def autocast_ctx(self):
+    def explain_batch(self, member: LoadedMember, x, labels, seg, seeds):
         import contextlib
 
         import torch
 
-        if self.autocast is None or self.device.type != "cuda":
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.autocast)
+        from ray_consensus.committee import resample_maps
+
+        precision = torch.autocast("cuda", dtype=self.autocast) if self.autocast is not None and \
+            self.device.type == "cuda" else contextlib.nullcontext()
+        with precision:
+            with torch.no_grad():
+                pred = member.model(member.preprocess(x)).argmax(dim=1)
+            target = pred if self.ctx.spec.method.target == "prediction" else labels
+            out = member.explainer.explain(member.model, member.preprocess, x, target, seg, seeds)
+        out["map"] = resample_maps(out["map"].float(), self.ctx.spec.run.map_size)
+        return {k: v.detach().float().cpu().numpy() for k, v in out.items()}, pred.cpu().numpy()
 
 
-# ---------------------------------------------------------------- the chain
+# ---------------------------------------------------------------- the driver's dispatcher
 
-def actor_cpus(spec: RunSpec, n_models: int, cluster: dict) -> float:
-    """CPUs per attribution actor.
+@dataclass
+class Window:
+    """A run of consecutive shards decoded together; its blocks are freed once every item is done."""
 
-    Every member's pool must be alive at once (the shards stream through all of them), so the
-    pools must fit the cluster together; otherwise the pipeline waits for actors that cannot be
-    placed. Unset `num_cpus` shares the CPUs out on CPU-only clusters. What does not fit now is
-    reported, not refused: an autoscaling cluster adds the nodes.
-    """
-    r = spec.resources
-    actors = n_models * r.actors_per_model
-    total_cpus, total_gpus = float(cluster.get("CPU", 0)), float(cluster.get("GPU", 0))
-    if r.num_gpus > 0 and actors * r.num_gpus > total_gpus:
-        _warn(f"{actors} actors x {r.num_gpus:g} GPU need {actors * r.num_gpus:g} GPUs, the cluster has "
-              f"{total_gpus:g} now: waiting for the autoscaler (or lower resources.num_gpus to share GPUs)")
-    if r.num_cpus is not None:
-        if actors * r.num_cpus > total_cpus:
-            _warn(f"{actors} actors x {r.num_cpus:g} CPU need {actors * r.num_cpus:g} CPUs, the cluster has "
-                  f"{total_cpus:g} now: waiting for the autoscaler (or leave resources.num_cpus unset)")
-        return r.num_cpus
-    if r.num_gpus > 0 or total_cpus == 0:
-        return 1.0
-    # Keep a share for the decode tasks; round down so the sum never exceeds the cluster.
-    return max(0.01, min(1.0, int(total_cpus * 0.9 / (actors + 1) * 100) / 100))
+    index: int
+    tasks: list[ShardTask]
+    blocks: list | None = None                                 # decoded blocks (object refs), once decoded
+    todo: deque = field(default_factory=deque)                 # (model_id, shards) items not yet handed out
+    running: int = 0
+    left: dict[int, set] = field(default_factory=dict)         # shard -> members still to write
+
+    @property
+    def finished(self) -> bool:
+        return self.blocks is not None and not self.todo and not self.running
 
 
-def actor_torch_threads(spec: RunSpec, n_models: int, cluster: dict) -> int:
-    """Torch threads of a CPU actor: its whole-CPU share of the cluster (Ray itself would give a
-    fractional-CPU actor one thread)."""
-    return max(1, int(cluster.get("CPU", 1) // max(1, n_models * spec.resources.actors_per_model)))
+class Dispatcher:
+    """Keeps every placed slot busy with (member, shards of a window) items until all are done."""
+
+    def __init__(self, ctx: StageContext, tasks: list[ShardTask], on_shard=None, progress=None):
+        import ray
+
+        self.ctx, self.on_shard, self.progress = ctx, on_shard, progress or (lambda msg: None)
+        s = ctx.schedule
+        order = [m.id for m in ctx.spec.committee]
+        size = s.window_shards
+        self.n_windows = -(-len(tasks) // size)
+        self.windows = deque(Window(i, tasks[i * size:(i + 1) * size]) for i in range(self.n_windows))
+        for w in self.windows:
+            for t in w.tasks:
+                w.left[t.shard] = set(t.attributions)
+            for model_id in order:
+                shards = [t.shard for t in w.tasks if model_id in t.attributions]
+                parts = max(1, min(ctx.spec.resources.actors_per_model, len(shards)))
+                w.todo.extend((model_id, shards[i::parts]) for i in range(parts) if shards[i::parts])
+        slot = ray.remote(Slot).options(num_cpus=s.slot_cpus, num_gpus=s.slot_gpus, max_restarts=-1,
+                                        max_task_retries=3)
+        self.slots = [slot.remote(ctx) for _ in range(s.slots)]
+        self.starting = {a.ready.remote(): a for a in self.slots}
+        self.idle: list = []
+        self.holding: dict = {}                 # slot -> the member it holds
+        self.running: dict = {}                 # item (a streaming generator) -> (slot, window, model_id)
+        self.decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decode")
+        self.decoding: dict[int, concurrent.futures.Future] = {}
+        self.loads: list[tuple[str, float]] = []
+
+    def run(self) -> None:
+        import ray
+
+        t0, placed = time.time(), False
+        try:
+            while self.windows:
+                self.decode_ahead()
+                self.dispatch()
+                refs = list(self.running) + list(self.starting)
+                ready, _ = ray.wait(refs, num_returns=1, timeout=0.2) if refs else ([], [])
+                for ref in ready:
+                    if ref in self.starting:
+                        self.idle.append(self.starting.pop(ref))
+                        placed = True
+                    else:
+                        self.advance(ref)
+                while self.windows and self.windows[0].finished:
+                    self.windows.popleft()  # its decoded blocks go with it
+                if not placed and time.time() - t0 > self.ctx.spec.resources.slot_wait_s:
+                    raise ClusterError(self.unplaced_message(time.time() - t0))
+            for slot in self.slots:
+                self.loads += ray.get(slot.take_loads.remote())
+        finally:
+            self.decoder.shutdown(wait=False, cancel_futures=True)
+            for slot in self.slots:
+                ray.kill(slot)
+
+    def decode_ahead(self) -> None:
+        """Decode the first two windows (the one the slots work on and the next); collect finished decodes."""
+        for w in list(self.windows)[:2]:
+            if w.blocks is None and w.index not in self.decoding:
+                self.decoding[w.index] = self.decoder.submit(decode_window, self.ctx, w.tasks)
+            future = self.decoding.get(w.index)
+            if future is not None and future.done():
+                w.blocks = future.result()
+                del self.decoding[w.index]
+                for t in w.tasks:
+                    if not t.attributions:  # only its inputs unit to write: written while decoding
+                        self.shard_done(w, ShardDone(t.shard, None, None, []), None)
+
+    def dispatch(self) -> None:
+        """Give each idle slot an item of the oldest decoded window, preferring the member it holds."""
+        while self.idle:
+            choice = self.pick(self.idle[0])
+            if choice is None:
+                return
+            slot = self.idle.pop(0)
+            w, (model_id, shards) = choice
+            w.running += 1
+            self.holding[slot] = model_id
+            item = slot.explain.options(num_returns="streaming").remote(model_id, shards, w.blocks)
+            self.running[item] = (slot, w, model_id)
+
+    def pick(self, slot):
+        decoded = [w for w in self.windows if w.blocks is not None and w.todo]
+        if not decoded:
+            return None
+        held = self.holding.get(slot)
+        for w in decoded:
+            for i, item in enumerate(w.todo):
+                if item[0] == held:
+                    del w.todo[i]
+                    return w, item
+        return decoded[0], decoded[0].todo.popleft()
+
+    def advance(self, item) -> None:
+        """An item has a shard ready, or has ended."""
+        import ray
+
+        slot, w, model_id = self.running[item]
+        try:
+            self.shard_done(w, ray.get(next(item)), model_id)
+        except StopIteration:
+            del self.running[item]
+            w.running -= 1
+            self.idle.append(slot)
+            self.progress(f"member {model_id}: window {w.index + 1}/{self.n_windows} done")
+
+    def shard_done(self, w: Window, done: ShardDone, model_id: str | None) -> None:
+        left = w.left[done.shard]
+        left.discard(model_id)
+        if not left and self.on_shard:
+            task = next(t for t in w.tasks if t.shard == done.shard)
+            self.on_shard(ShardDone(done.shard, done.n_images, done.n_errors, sorted(task.attributions)))
+
+    def unplaced_message(self, waited: float) -> str:
+        s = self.ctx.schedule
+        return (f"no attribution slot ({s.slot_gpus:g} GPU, {s.slot_cpus:g} CPU) could be placed in {waited:.0f} s: "
+                f"the cluster ({s.capacity.gpus:g} GPUs, {s.capacity.cpus:g} CPUs from {s.capacity.source}) did "
+                f"not provide them; check `ray status`, or lower resources.num_gpus / raise resources.slot_wait_s")
 
 
-def size_stages(ctx: StageContext, n_models: int, cluster: dict) -> None:
-    """Size the run's stages for `n_models` member pools on this cluster (sets ctx's CPUs and threads).
-
-    Decode and reduce tasks get half an actor's CPUs (at most 1/2) on CPU-only clusters: small
-    enough to run beside the actors, and unequal to theirs so that Ray Data does not fuse the
-    decode stage into the first member's actors (decode then overlaps explanation, as it does on
-    GPU clusters). Decoding is one thread: 1 CPU where the actors hold GPUs.
-    """
-    spec = ctx.spec
-    ctx.actor_cpus = actor_cpus(spec, n_models, cluster)
-    ctx.torch_threads = actor_torch_threads(spec, n_models, cluster)
-    ctx.light_cpus = (min(1.0, ctx.actor_cpus) if spec.resources.num_gpus > 0
-                      else max(0.01, min(0.5, ctx.actor_cpus / 2)))
+def run_attributions(ctx: StageContext, tasks: list[ShardTask], on_shard=None, progress=None) -> dict:
+    """Compute the tasks' units on the schedule's slots; `on_shard(ShardDone)` is called for each shard as
+    soon as all its units are written. Returns timings: wall seconds and every member load."""
+    quiet_ray_data()
+    t0 = time.time()
+    dispatcher = Dispatcher(ctx, tasks, on_shard, progress)
+    dispatcher.run()
+    loads = [s for _, s in dispatcher.loads]
+    return {"attributions_s": round(time.time() - t0, 3), "member_loads": len(loads),
+            "member_load_s": round(sum(loads), 3)}
 
 
-def _warn(msg: str) -> None:
-    print(f"[ray-consensus] warning: {msg}", file=sys.stderr, flush=True)
-
-
-def quiet_ray_data(show_bars: bool) -> None:
-    """Our own per-shard lines are the progress; Ray Data's bars only on a terminal."""
+def quiet_ray_data() -> None:
+    """Our own lines are the progress: no Ray Data bars or execution banners."""
     import logging
 
     from ray.data import DataContext
 
     data_ctx = DataContext.get_current()
-    data_ctx.enable_progress_bars = show_bars
+    data_ctx.enable_progress_bars = False
     data_ctx.print_on_execution_start = False
     data_ctx.issue_detectors_config.detectors = []  # its memory hints misread the models' one-off load
     logging.getLogger("ray.data").setLevel(logging.WARNING)
-
-
-def run_attributions(ctx: StageContext, tasks: list[ShardTask], on_shard=None) -> float:
-    """Stream the tasks through decode and every model's pool (sized by `size_stages`); `on_shard(ShardDone)`
-    is called for each shard as soon as all its units are written. Returns wall seconds."""
-    import ray
-
-    spec = ctx.spec
-    t0 = time.time()
-    quiet_ray_data(show_bars=on_shard is not None and sys.stderr.isatty())
-    ds = ray.data.from_items([{"payload": pickle.dumps(t)} for t in tasks], override_num_blocks=max(1, len(tasks)))
-    needed = [m.id for m in spec.committee if any(m.id in t.attributions for t in tasks)]
-    ds = ds.map_batches(decode_shards, fn_args=(ctx, not needed), batch_size=1, num_cpus=ctx.light_cpus)
-    for i, model_id in enumerate(needed):
-        ds = ds.map_batches(ExplainShard, fn_constructor_args=(ctx, model_id, i == len(needed) - 1), batch_size=1,
-                            compute=ray.data.ActorPoolStrategy(size=spec.resources.actors_per_model),
-                            num_gpus=spec.resources.num_gpus, num_cpus=ctx.actor_cpus)
-    # No prefetching: with it, Ray Data hands over each shard's summary only once the next shard is done.
-    for batch in ds.iter_batches(batch_size=None, prefetch_batches=0, batch_format="numpy"):
-        for done in _records(batch):
-            if on_shard:
-                on_shard(done)
-    return time.time() - t0

@@ -1,6 +1,6 @@
 """A run from spec to report: preflight, plan, attributions and reduce on Ray, tables, report, run.json.
 
-    preflight ─► plan ─► pipeline (attributions) + reduce tasks ─► tables ─► report ─► run.json
+    preflight ─► plan ─► schedule ─► pipeline (attributions) + reduce tasks ─► tables ─► report ─► run.json
 
 Everything before `ray.init` (spec, timm names, checkpoints, data set, run root) is checked
 first (`preflight`), so a bad spec fails with one line before any cluster work starts. The
@@ -24,6 +24,7 @@ from ray_consensus.contract import RUN_FILE, count_errors, write_manifest
 from ray_consensus.data import Manifest
 from ray_consensus.plan import Plan, make_plan
 from ray_consensus.preflight import preflight
+from ray_consensus.schedule import Schedule, make_schedule
 from ray_consensus.storage import Store
 
 
@@ -32,22 +33,31 @@ def log(msg: str) -> None:
 
 
 def execute(spec: RunSpec, force: bool = False, progress: bool = True, report: bool = True) -> dict:
-    """Run (or resume) the whole job. Returns the run.json dict."""
+    """Run (or resume) the whole job. Returns the run.json dict.
+
+    Nothing is written before the run root is leased, and the lease is taken only once the plan's
+    schedule fits the cluster: a member that could never be placed fails with one line first.
+    """
     from ray_consensus.lease import Lease
     from ray_consensus.reporting import write_report
     from ray_consensus.tables import write_tables
 
     t0 = time.time()
     store, manifest = preflight(spec)
+    plan = make_plan(spec, store, manifest, force)
+    schedule = plan_schedule(spec, plan)
     with Lease(store):
-        plan = make_plan(spec, store, manifest, force)
         summary = plan.summary(spec, manifest)
+        if schedule is not None and schedule.members:
+            summary["schedule"] = schedule.describe()
         log(f"plan: {summary['images']} images in {summary['shards']} shards, {summary['models']} models; "
             f"{summary['attribution_units_to_compute']}/{summary['attribution_units']} attribution units "
             f"and {summary['reduce_units_to_compute']} reduce units to compute")
+        if "schedule" in summary:
+            log(f"schedule: {summary['schedule']}")
         store.write_json(RUN_FILE, run_info(spec, "running", summary))
         write_manifest(store, plan.manifest, manifest.errors)
-        attr_units, reduce_units, timings = run_cluster(spec, store, manifest, plan, progress)
+        attr_units, reduce_units, timings = run_cluster(spec, store, manifest, plan, schedule, progress)
         log("tables")
         t_tables = time.time()
         tables = write_tables(spec, store, plan.shard_ids)
@@ -67,24 +77,36 @@ def execute(spec: RunSpec, force: bool = False, progress: bool = True, report: b
     return info
 
 
-def run_cluster(spec: RunSpec, store: Store, manifest: Manifest, plan: Plan, progress: bool):
-    """The Ray part: the attribution pipeline, and each shard's reduce task as soon as the shard's
-    units are all written (shards with nothing to attribute at once), so the reducer runs beside
-    the attributions rather than after them."""
+def plan_schedule(spec: RunSpec, plan: Plan) -> Schedule | None:
+    """Join the cluster and fit the plan's work to it (None: nothing for Ray to do). Raises SpecError
+    when a slot could never be placed."""
+    from ray_consensus.cluster import cluster_capacity, init_ray
+
+    attribute, to_reduce = plan.to_attribute(), plan.to_reduce()
+    if not attribute and not to_reduce:
+        return None
+    init_ray()
+    members = {m for p in attribute for m in p.models_to_compute}
+    return make_schedule(spec, len(members), cluster_capacity(spec), len(attribute))
+
+
+def run_cluster(spec: RunSpec, store: Store, manifest: Manifest, plan: Plan, schedule: Schedule | None,
+                progress: bool):
+    """The Ray part: the attribution slots, and each shard's reduce task as soon as the shard's units are
+    all written (shards with nothing to attribute at once), so the reducer runs beside the attributions
+    rather than after them."""
+    timings = {"attributions_s": 0.0, "reduce_s": 0.0, "reduce_tail_s": 0.0}
+    if schedule is None:
+        return 0, 0, timings
     import ray
 
-    from ray_consensus.pipeline import ShardTask, StageContext, run_attributions, segmentation_of, size_stages
+    from ray_consensus.pipeline import ShardTask, StageContext, run_attributions, segmentation_of
     from ray_consensus.reduce import reduce_shard
 
-    timings = {"attributions_s": 0.0, "reduce_s": 0.0, "reduce_tail_s": 0.0}
     attribute, to_reduce = plan.to_attribute(), {p.shard: p for p in plan.to_reduce()}
-    if not attribute and not to_reduce:
-        return 0, 0, timings
-    init_ray()
-    ctx = StageContext(spec, manifest.num_classes, store, segmentation_of(spec))
-    size_stages(ctx, len({m for p in attribute for m in p.models_to_compute}), ray.cluster_resources())
+    ctx = StageContext(spec, manifest.num_classes, store, schedule, segmentation_of(spec))
     ids = [m.id for m in spec.committee]
-    remote = ray.remote(num_cpus=ctx.light_cpus, max_retries=3)(reduce_shard)
+    remote = ray.remote(num_cpus=schedule.light_cpus, max_retries=3)(reduce_shard)
     refs = []
 
     def start_reduce(s: int) -> None:
@@ -103,11 +125,12 @@ def run_cluster(spec: RunSpec, store: Store, manifest: Manifest, plan: Plan, pro
         def shard_done(done):
             count[0] += 1
             if progress:
-                log(f"attributions: shard {done.shard} done ({count[0]}/{len(tasks)}; {done.n_images} images, "
-                    f"{done.n_errors} errors; models: {','.join(done.models) or '-'})")
+                counts = "" if done.n_images is None else f"; {done.n_images} images, {done.n_errors} errors"
+                log(f"attributions: shard {done.shard} done ({count[0]}/{len(tasks)}{counts}; "
+                    f"models: {','.join(done.models) or '-'})")
             start_reduce(done.shard)
 
-        timings["attributions_s"] = round(run_attributions(ctx, tasks, shard_done), 3)
+        timings.update(run_attributions(ctx, tasks, shard_done, log if progress else None))
     t0 = time.time()
     for i, ref in enumerate(_as_completed(refs)):
         out = ray.get(ref)
@@ -126,16 +149,6 @@ def _as_completed(refs):
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
         yield ready[0]
-
-
-def init_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    import logging
-
-    ray.init(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
 
 
 def run_info(spec: RunSpec, status: str, plan: dict) -> dict:

@@ -111,9 +111,9 @@ def test_killed_actor_is_replaced_and_results_are_unchanged(workload):
         killed = None
         deadline = time.time() + 300
         while killed is None and time.time() < deadline and runner.is_alive():
-            # Ray names each actor's worker process after its class: "ray::MapWorker(...ExplainShard...)".
+            # Ray names each actor's worker process after its class and method: "ray::Slot.explain".
             actors = [p for p in psutil.process_iter(["pid", "cmdline"])
-                      if any("ExplainShard" in part for part in (p.info["cmdline"] or []))]
+                      if any("ray::Slot" in part for part in (p.info["cmdline"] or []))]
             if actors and len(markers(root)) >= 1:
                 killed = actors[0].info["pid"]
                 os.kill(killed, signal.SIGKILL)

@@ -292,7 +292,7 @@ def test_decode_stage_computes_the_explainers_superpixels_without_loading_torch(
     assert segmentation_of(parse_spec(spec)) is None  # SmoothGrad needs no superpixels
     spec["explainer"] = {"name": "lime", "params": {"n_segments": 12, "compactness": 5.0}}
     spec = parse_spec(spec)
-    ctx = StageContext(spec, 1, None, segmentation_of(spec))
+    ctx = StageContext(spec, 1, None, None, segmentation_of(spec))
     assert ctx.segmentation == {"method": "slic", "n_segments": 12, "compactness": 5.0, "seed": 0}
     images = [ImageRef(r.image_id, r.uri, 0, None) for r in read_manifest(spec.dataset).table.itertuples()]
     done = Unit("inputs/shard=00000", "fp", "fp")  # already written: the stage only decodes

@@ -40,6 +40,7 @@ def register(cls):
 
 class Explainer:
     params_type: ClassVar[type[ExplainerParams]]
+    checks_models: ClassVar[bool] = False  # check_model can refuse a member (preflight then builds every member)
 
     def __init__(self, params: ExplainerParams | None = None, /, **values):
         self.params = params if params is not None else parse_params(self.params_type.name, values)

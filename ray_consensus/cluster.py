@@ -1,0 +1,54 @@
+"""The Ray cluster a run executes on: connecting to it, and what it has or can grow to.
+
+`cluster_capacity` reads the live nodes and, where the cluster has an autoscaler (`ray up`,
+KubeRay), the node types it may add, which the autoscaler publishes in the cluster's own
+state; `resources.max_gpus` / `max_cpus` in the spec override the totals.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ray_consensus.config import RunSpec
+from ray_consensus.schedule import Capacity
+
+
+def init_ray() -> None:
+    """Join the cluster of RAY_ADDRESS (a job's), else start Ray in this process."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+
+
+def _autoscaler_node_types() -> list[tuple[dict, int]]:
+    """(resources, max count) of each node type the autoscaler may start; [] without an autoscaler."""
+    try:
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+    except Exception:  # an older Ray, or no GCS access: only the live nodes count
+        return []
+    if config is None:
+        return []
+    return [(dict(group.resources), int(group.max_count)) for group in config.node_group_configs]
+
+
+def cluster_capacity(spec: RunSpec) -> Capacity:
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    now = ray.cluster_resources()
+    types = _autoscaler_node_types()
+    grown = {key: sum(res.get(key, 0) * (count if count >= 0 else 10**6) for res, count in types)
+             for key in ("CPU", "GPU")}
+    cpus, gpus = max(now.get("CPU", 0.0), grown["CPU"]), max(now.get("GPU", 0.0), grown["GPU"])
+    node_cpus = max([n.get("CPU", 0.0) for n in nodes] + [res.get("CPU", 0.0) for res, _ in types] + [0.0])
+    node_gpus = max([n.get("GPU", 0.0) for n in nodes] + [res.get("GPU", 0.0) for res, _ in types] + [0.0])
+    source = "the cluster's nodes and its autoscaler's node types" if types else "the cluster's nodes"
+    r = spec.resources
+    if r.max_gpus is not None:  # the user knows what the cluster can grow to; with no GPU node known, trust it
+        gpus, node_gpus, source = r.max_gpus, node_gpus or r.max_gpus, "resources.max_gpus"
+    if r.max_cpus is not None:
+        cpus, node_cpus = r.max_cpus, node_cpus or r.max_cpus
+    return Capacity(cpus, gpus, node_cpus, node_gpus, now.get("object_store_memory"), source)
