@@ -15,12 +15,16 @@ Figures (see benchmarks/README.md); lines ending in `_reference` carry no target
 4. peak_memory_growth_10x_images           peak RSS (driver + Ray workers), N vs 10N images (measured first)
 5. reducer_share_of_attribution            reduce_s / attributions_s from run.json
 6. bytes_per_image_model, float16_consensus_score_error
+7. committee_16_members_vs_sequential_loop 16 members through the slots vs a plain in-process loop over them
+8. twelve_members_2_vs_12_logical_gpus     12 members on a cluster declaring 2 GPUs vs one declaring 12
+9. decoded_window_reuse_vs_decode_224px    reading a decoded shard back from the object store vs decoding again
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import platform
 import shutil
@@ -49,7 +53,7 @@ from ray_consensus.committee import Preprocess, create_member_model, member_data
 from ray_consensus.config import DatasetSpec, MemberSpec, RunSpec, parse_member, parse_spec  # noqa: E402
 from ray_consensus.data import decode_image, read_manifest  # noqa: E402
 from ray_consensus.demo import DEMO_COMMITTEE, model_kwargs  # noqa: E402
-from ray_consensus.explainers import create_explainer  # noqa: E402
+from ray_consensus.explainers import ScoreModel, create_explainer  # noqa: E402
 from ray_consensus.explainers.lime import Lime, fill_with_mean_colours  # noqa: E402
 from ray_consensus.plan import make_plan  # noqa: E402
 from ray_consensus.preflight import preflight  # noqa: E402
@@ -150,16 +154,18 @@ def slots_of(spec: RunSpec):
     return make_schedule(spec, len(spec.committee), cluster_capacity(spec), 1)
 
 
-def pipeline_vs_loop(spec: RunSpec, n: int, steps, time_cap_s: float):
-    """Figures 1 and 3: `execute(spec)` on the same n images between two sittings of the baseline
-    loop's steps (`alternate_threads`, time_cap_s / 2 each), so that a machine whose speed drifts
-    (a shared VM) favours neither side. Returns (pipeline img/s / the faster loop's, the loop's
-    text, the loop's Usage, run.json, the pipeline's Usage)."""
+def pipeline_vs_loop(spec: RunSpec, n: int, steps, time_cap_s: float, split: bool = False):
+    """Figures 1, 3 and 7: `execute(spec)` on the same n images (or units) between two sittings of the
+    baseline loop's steps (`alternate_threads`, time_cap_s / 2 each; with `split`, the first half of the
+    steps before and the second half after), so that a machine whose speed drifts (a shared VM)
+    favours neither side. Returns (pipeline rate / the faster loop's, the loop's text, the loop's
+    Usage, run.json, the pipeline's Usage)."""
+    half = len(steps) // 2
     with Monitor(2.0, memory=False) as before:
-        first = alternate_threads(steps, time_cap_s=time_cap_s / 2)
+        first = alternate_threads(steps[:half] if split else steps, time_cap_s=time_cap_s / 2)
     info, used = timed_execute(spec)
     with Monitor(2.0, memory=False) as after:
-        second = alternate_threads(steps, time_cap_s=time_cap_s / 2, warm_up=False)
+        second = alternate_threads(steps[half:] if split else steps, time_cap_s=time_cap_s / 2, warm_up=split)
     best, text = fastest(merged(first, second))
     halves = " / ".join(f"{fastest(r)[0].per_s:.2f}" for r in (first, second))
     return ((n / used.wall_s) / best.per_s, f"{text} (fastest before / after the pipeline: {halves} img/s)",
@@ -434,6 +440,140 @@ def float16_error(maps: np.ndarray, scaled: bool) -> float:
     return float(np.abs(consensus_scores(maps) - consensus_scores(half)).max())
 
 
+# ---------------------------------------------------------------- figure 7
+
+SMALL_ARCHS = ("mobilenetv3_small_050", "lcnet_050", "regnetx_002", "convnext_atto", "levit_128s", "mnasnet_small",
+               "regnety_002", "ghostnet_050")
+
+
+def sixteen_members() -> list[MemberSpec]:
+    """16 small members at timm's default input size (224 px, the 64 px crop resized up): 8 architectures
+    twice each with their own random weights; the second half repeats the first's architectures."""
+    return [MemberSpec(**parse_member(f"{arch}-{copy}={arch}@random")) for copy in (1, 2) for arch in SMALL_ARCHS]
+
+
+def member_loop(members: list[MemberSpec], num_classes: int, pixels: np.ndarray, labels: np.ndarray,
+                batch_size: int):
+    """The plain sequential loop as steps (member, batch), as usually written: build each member when its
+    first batch comes (timm model, weights, preprocessing), then per batch its predictions (a no-grad
+    forward) and captum's `Saliency` of the label, maps copied to numpy: the outputs the pipeline
+    stores (maps, predictions)."""
+    from captum.attr import Saliency
+
+    cache: dict[str, tuple] = {}
+
+    def step(member: MemberSpec, start: int) -> int:
+        if member.id not in cache:
+            cache.clear()  # one model at a time, as the slots hold them
+            cache[member.id] = load_member(member, num_classes)
+        model, pre = cache[member.id]
+        x = pre(to_batch(pixels[start:start + batch_size]))
+        target = torch.from_numpy(labels[start:start + batch_size].copy())
+        with torch.no_grad():
+            model(x).argmax(dim=1).numpy()
+        Saliency(ScoreModel(model, "probability")).attribute(x, target=target, abs=True).sum(1).numpy()
+        return len(x)
+
+    return [functools.partial(step, m, start) for m in members for start in range(0, len(pixels), batch_size)]
+
+
+def many_members_spec(data: Path, output: Path, members: list[MemberSpec], **resources) -> RunSpec:
+    return parse_spec({
+        "dataset": {"path": str(data / "images")},
+        "committee": [dataclasses.asdict(m) for m in members],
+        "explainer": {"name": "saliency", "params": {}},
+        "run": {"output": str(output), "image_size": 64, "map_size": 32, "shard_size": 30},
+        "resources": {"batch_size": 30, **resources},
+    })
+
+
+def committee_16_members(work: Path, scale: float) -> None:
+    n = 4 * max(2, round(30 * scale))
+    data = make_image_folder(work / "m16-data", n_classes=4, per_class=n // 4, size=(64, 64), masks=False)
+    members = sixteen_members()
+    spec = many_members_spec(data, work / "m16-run", members)
+    manifest = read_manifest(spec.dataset)
+    pixels = np.stack([decode_image(Path(u).read_bytes(), spec.run.image_size) for u in manifest.table["uri"]])
+    labels = manifest.table["label"].to_numpy(np.int64)
+    steps = member_loop(members, manifest.num_classes, pixels, labels, spec.resources.batch_size)
+    ratio, loop_text, loop_usage, info, used = pipeline_vs_loop(spec, n * len(members), steps, time_cap_s=1e9,
+                                                                split=True)
+    say(Figure("committee_16_members_vs_sequential_loop", ratio, ".2f", ">= 1.0", ratio >= 1.0).line())
+    sched = slots_of(spec)
+    note(f"{len(members)} members ({', '.join(SMALL_ARCHS)}, twice each, random init, 224 px inputs), {n} PNG images "
+         f"64 px, saliency, batch {spec.resources.batch_size}; pipeline: {sched.slots} slot(s) x {sched.slot_cpus:g} "
+         f"CPU -> {sched.torch_threads} thread(s), {info['timings']['member_loads']} member loads "
+         f"({info['timings']['member_load_s']:.1f} s), {n * len(members) / used.wall_s:.1f} (member, image) pairs/s "
+         f"over {used.wall_s:.1f} s of execute(); run.json: {timings_text(info)}; {cpu_text(used)}")
+    note(f"loop (one process: per member build the model, then per batch of pre-decoded images its predictions and "
+         f"captum's Saliency; the first half of the members before the pipeline run, the second after): "
+         f"{loop_text}; {cpu_text(loop_usage)}; the pipeline takes predictions from the saliency pass's own logits")
+
+
+# ---------------------------------------------------------------- figure 8
+
+def logical_gpus(work: Path, scale: float) -> None:
+    import ray
+
+    n = 4 * max(2, round(12 * scale))
+    data = make_image_folder(work / "gpu-data", n_classes=4, per_class=n // 4, size=(64, 64), masks=False)
+    members = sixteen_members()[:12]
+    walls, infos = {}, {}
+    for gpus in (12, 2):
+        ray.shutdown()
+        ray.init(address="local", num_cpus=2, num_gpus=gpus, include_dashboard=False, logging_level="WARNING")
+        spec = many_members_spec(data, work / f"gpu-run-{gpus}", members, num_gpus=1)
+        infos[gpus], used = timed_execute(spec)
+        walls[gpus] = used.wall_s
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ratio = walls[12] / walls[2]
+    say(Figure("twelve_members_2_vs_12_logical_gpus", ratio, ".2f", ">= 0.9", ratio >= 0.9).line())
+    note(f"12 members (random init), {n} PNG images 64 px, saliency, resources.num_gpus 1, 2 CPUs; throughput on 2 "
+         f"logical GPUs / on 12 = wall {walls[12]:.1f} s / {walls[2]:.1f} s; schedules: "
+         + " | ".join(f"{g} GPUs: {infos[g]['plan']['schedule'].split(':')[0]}, "
+                      f"{infos[g]['timings']['member_loads']} member loads" for g in (2, 12)))
+
+
+# ---------------------------------------------------------------- figure 9
+
+def decode_vs_reuse(work: Path, scale: float) -> None:
+    """Decoding an ImageNet-like JPEG onto the 224 px grid vs reading its decoded pixels back from the
+    object store as a slot does (a window block, then unpickling the shard)."""
+    import io
+    import pickle
+
+    import pyarrow as pa
+    import ray
+    import skimage.data
+    from PIL import Image
+
+    photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket()]
+    jpegs = []
+    for photo in photos:
+        buf = io.BytesIO()
+        Image.fromarray(photo).resize((500, 375)).save(buf, format="JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+    n = max(16, round(128 * scale))
+    files = [jpegs[i % len(jpegs)] for i in range(n)]
+    t0 = time.perf_counter()
+    pixels = np.stack([decode_image(b, 224) for b in files])
+    decode_ms = (time.perf_counter() - t0) / n * 1e3
+    block = ray.put(pa.table({"shard": [0], "payload": [pickle.dumps(pixels)]}))
+    reads = 10
+    t0 = time.perf_counter()
+    for _ in range(reads):
+        table = ray.get(block)
+        back = pickle.loads(table.column("payload")[0].as_py())
+    reuse_ms = (time.perf_counter() - t0) / (reads * n) * 1e3
+    assert np.array_equal(back, pixels)
+    ratio = decode_ms / reuse_ms
+    say(Figure("decoded_window_reuse_vs_decode_224px", ratio, ".0f").line())
+    note(f"{n} JPEGs of 500x375 (quality 90) -> 224 px crop: decode {decode_ms:.2f} ms per image; the same pixels "
+         f"read back from the object store and unpickled (as a slot reads a decoded window) {reuse_ms:.3f} ms per "
+         f"image; {pixels.nbytes / n / 1024:.0f} KiB per image held while its window is explained")
+
+
 # ---------------------------------------------------------------- main
 
 def header(scale: float) -> None:
@@ -455,14 +595,15 @@ def header(scale: float) -> None:
     say("# compares: 1 end to end (PNG -> execute(), 1 member -> Parquet) vs the same explainer in a bare batched "
         "loop on pre-decoded images | 2 batched LIME vs captum Lime per image (same masks, fill, kernel, surrogate) | "
         "3 committee pipeline vs a sequential per-image loop | 4 peak memory, 10x the images | 5 reducer time / "
-        "attribution time | 6 stored bytes; float16 vs float32 consensus scores")
+        "attribution time | 6 stored bytes; float16 vs float32 consensus scores | 7 16 members through the slots "
+        "vs a loop over them | 8 12 members on 2 vs 12 logical GPUs | 9 decoded shards reused vs decoded again")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", type=float, default=1.0, help="multiply image counts and time caps (smoke: 0.2)")
     parser.add_argument("--keep", type=Path, help="keep data sets and run roots in this folder (default: a temp dir)")
-    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 7), metavar="N",
+    parser.add_argument("--only", type=int, nargs="+", choices=range(1, 10), metavar="N",
                         help="run only these figures (5 needs 3; 6 needs 3 and 4)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -474,7 +615,7 @@ def main(argv=None) -> int:
 
     header(args.scale)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    want = set(args.only or range(1, 7))
+    want = set(args.only or range(1, 10))
     want |= {3} if want & {5, 6} else set()
     want |= {4} if 6 in want else set()
     try:
@@ -490,6 +631,12 @@ def main(argv=None) -> int:
             reducer_share(committee, {k: v for k, v in others.items() if v})
         if 6 in want:
             storage(work, committee, memory_run)
+        if 9 in want:
+            decode_vs_reuse(work, args.scale)
+        if 7 in want:
+            committee_16_members(work, args.scale)
+        if 8 in want:  # last: it restarts Ray with logical GPUs
+            logical_gpus(work, args.scale)
     finally:
         ray.shutdown()
         if args.keep is None:

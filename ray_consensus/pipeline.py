@@ -41,7 +41,7 @@ from ray_consensus.config import RunSpec
 from ray_consensus.contract import ImageRef, attributions_file, encode_attributions, encode_inputs, errors_table, \
     file_of
 from ray_consensus.errors import ClusterError
-from ray_consensus.plan import Unit
+from ray_consensus.units import Unit
 from ray_consensus.schedule import Schedule
 from ray_consensus.storage import Store, read_uri_bytes
 from ray_consensus.units import fingerprint
@@ -164,8 +164,8 @@ def decode_window(ctx: StageContext, tasks: list[ShardTask]) -> list:
     import ray
 
     ds = ray.data.from_items([{"payload": pickle.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
-    return ds.map_batches(decode_shards, fn_args=(ctx,), batch_size=1, num_cpus=ctx.schedule.light_cpus
-                          ).to_arrow_refs()
+    return ds.map_batches(decode_shards, fn_args=(ctx,), batch_size=1, num_cpus=ctx.schedule.light_cpus,
+                          concurrency=min(len(tasks), ctx.schedule.decode_tasks)).to_arrow_refs()
 
 
 # ---------------------------------------------------------------- explain: slots
@@ -293,11 +293,16 @@ class Slot:
 
         precision = torch.autocast("cuda", dtype=self.autocast) if self.autocast is not None and \
             self.device.type == "cuda" else contextlib.nullcontext()
+        by_label = self.ctx.spec.method.target == "label"
         with precision:
-            with torch.no_grad():
-                pred = member.model(member.preprocess(x)).argmax(dim=1)
-            target = pred if self.ctx.spec.method.target == "prediction" else labels
-            out = member.explainer.explain(member.model, member.preprocess, x, target, seg, seeds)
+            pred = None
+            if not by_label or not member.explainer.returns_logits:
+                with torch.no_grad():
+                    pred = member.model(member.preprocess(x)).argmax(dim=1)
+            out = member.explainer.explain(member.model, member.preprocess, x, labels if by_label else pred, seg,
+                                           seeds)
+        logits = out.pop("logits", None)
+        pred = logits.argmax(dim=1) if pred is None else pred
         out["map"] = resample_maps(out["map"].float(), self.ctx.spec.run.map_size)
         return {k: v.detach().float().cpu().numpy() for k, v in out.items()}, pred.cpu().numpy()
 
@@ -345,7 +350,7 @@ class Dispatcher:
         self.starting = {a.ready.remote(): a for a in self.slots}
         self.idle: list = []
         self.holding: dict = {}                 # slot -> the member it holds
-        self.running: dict = {}                 # item (a streaming generator) -> (slot, window, model_id)
+        self.running: dict = {}                 # item (a streaming generator) -> (slot, window, model_id, start)
         self.decoder = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="decode")
         self.decoding: dict[int, concurrent.futures.Future] = {}
         self.loads: list[tuple[str, float]] = []
@@ -401,7 +406,7 @@ class Dispatcher:
             w.running += 1
             self.holding[slot] = model_id
             item = slot.explain.options(num_returns="streaming").remote(model_id, shards, w.blocks)
-            self.running[item] = (slot, w, model_id)
+            self.running[item] = (slot, w, model_id, time.time())
 
     def pick(self, slot):
         decoded = [w for w in self.windows if w.blocks is not None and w.todo]
@@ -419,14 +424,15 @@ class Dispatcher:
         """An item has a shard ready, or has ended."""
         import ray
 
-        slot, w, model_id = self.running[item]
+        slot, w, model_id, started = self.running[item]
         try:
             self.shard_done(w, ray.get(next(item)), model_id)
         except StopIteration:
             del self.running[item]
             w.running -= 1
             self.idle.append(slot)
-            self.progress(f"member {model_id}: window {w.index + 1}/{self.n_windows} done")
+            self.progress(f"member {model_id}: window {w.index + 1}/{self.n_windows} done in "
+                          f"{time.time() - started:.1f} s")
 
     def shard_done(self, w: Window, done: ShardDone, model_id: str | None) -> None:
         left = w.left[done.shard]

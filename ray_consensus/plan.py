@@ -35,25 +35,7 @@ from ray_consensus.config import RunSpec
 from ray_consensus.contract import ImageRef, read_stored_manifest
 from ray_consensus.data import Manifest, assign_shards
 from ray_consensus.storage import Store
-from ray_consensus.units import attributions_dir, completed, shard_dir, write_unit
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One unit of the run root: its folder, the fingerprint it must carry now, and the one its
-    marker carries (None: no marker)."""
-
-    folder: str
-    fingerprint: str
-    stored: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.stored == self.fingerprint
-
-    def write(self, store: Store, tables: dict) -> None:
-        """Write the unit's files (relative path -> pyarrow table) whole, replacing a stale marker."""
-        write_unit(store, self.folder, self.fingerprint, tables, self.stored)
+from ray_consensus.units import Unit, attributions_dir, completed, shard_dir
 
 
 @dataclass

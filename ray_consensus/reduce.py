@@ -17,7 +17,7 @@ from ray_consensus import consensus as cm
 from ray_consensus.config import MethodSpec
 from ray_consensus.contract import (encode_consensus, encode_scores, encode_subcommittees, file_of, read_attributions,
                                     read_inputs)
-from ray_consensus.plan import Unit
+from ray_consensus.units import Unit
 from ray_consensus.storage import Store
 
 @dataclass

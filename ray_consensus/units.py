@@ -7,8 +7,9 @@ current fingerprint exists; a crashed write leaves no marker and the unit is red
 overwriting the same file names (no duplicate rows). Markers start with '_' so pandas,
 pyarrow, DuckDB and Spark skip them when reading the folders.
 
-Listing the run root once tells what is done: no marker has to be opened. Which fingerprint
-each unit must carry is the plan's business (`plan.py`); `fingerprint` is the hash it uses.
+Listing the run root once tells what is done: no marker has to be opened. A `Unit` record
+names a unit's folder, the fingerprint it must carry and the one its marker carries; which
+fingerprint that is, is the plan's business (`plan.py`); `fingerprint` is the hash it uses.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import json
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -50,6 +52,24 @@ def completed(store: Store, top: str) -> dict[str, str]:
         if name.startswith(MARKER):
             done[folder] = name[len(MARKER):]
     return done
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of the run root: its folder, the fingerprint it must carry now, and the one its
+    marker carries (None: no marker)."""
+
+    folder: str
+    fingerprint: str
+    stored: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.stored == self.fingerprint
+
+    def write(self, store: Store, tables: dict[str, pa.Table]) -> None:
+        """Write the unit's files (relative path -> pyarrow table) whole, replacing a stale marker."""
+        write_unit(store, self.folder, self.fingerprint, tables, self.stored)
 
 
 def write_unit(store: Store, folder: str, fp: str, tables: dict[str, pa.Table], stale_fp: str | None = None) -> None:

@@ -285,7 +285,7 @@ def test_decode_stage_computes_the_explainers_superpixels_without_loading_torch(
     from ray_consensus.contract import ImageRef
     from ray_consensus.data import read_manifest
     from ray_consensus.pipeline import ShardTask, StageContext, segmentation_of
-    from ray_consensus.plan import Unit
+    from ray_consensus.units import Unit
 
     data = make_image_folder(tmp_path / "data", n_classes=1, per_class=2, size=(48, 48), masks=False)
     spec = tiny_spec(data, str(tmp_path / "run"), models=("a=resnet10t@random",))

@@ -15,7 +15,10 @@ per image:
   generator), so an image's map depends on its own seed, not on the images batched with it.
 
 "map" is float32 (B, h, w) on any grid (the actor resamples it to the run's map grid);
-channels are already reduced. Extra keys (e.g. LIME's per-superpixel weights) are stored too.
+channels are already reduced. "logits" (B, n_classes), where an explainer has them for the
+unperturbed input at no cost, spare the slot its own forward pass for the prediction (only
+when the explained class is the label). Other keys (e.g. LIME's per-superpixel weights) are
+stored with the map.
 
 An explainer is constructed from its typed parameters (`explainer_params`), or, for
 convenience, from keyword values parsed into them: `Lime(n_samples=300)`.
@@ -41,6 +44,7 @@ def register(cls):
 class Explainer:
     params_type: ClassVar[type[ExplainerParams]]
     checks_models: ClassVar[bool] = False  # check_model can refuse a member (preflight then builds every member)
+    returns_logits: ClassVar[bool] = False  # explain() returns "logits" of the unperturbed input
 
     def __init__(self, params: ExplainerParams | None = None, /, **values):
         self.params = params if params is not None else parse_params(self.params_type.name, values)

@@ -61,13 +61,19 @@ class IntegratedGradients(Explainer):
 
 @register
 class Saliency(Explainer):
-    """Saliency: the plain gradient of the explained score (captum)."""
+    """Saliency: the plain gradient of the explained score, as captum's `Saliency` computes it.
+
+    One forward pass gives both the gradient and the logits of the unperturbed input, which are
+    returned too ("logits", (B, n_classes)): the slot takes the member's prediction from them
+    instead of a second forward pass.
+    """
 
     params_type = SaliencyParams
+    returns_logits = True
 
     def explain(self, model, preprocess, images, target, segments=None, seeds=None):
-        from captum.attr import Saliency as CaptumSaliency
-
-        x = preprocess(images).detach()
-        attr = CaptumSaliency(ScoreModel(model, self.params.output)).attribute(x, target=target, abs=False)
-        return {"map": reduce_channels(attr)}
+        x = preprocess(images).detach().requires_grad_(True)
+        logits = model(x).float()
+        scores = logits.softmax(dim=1) if self.params.output == "probability" else logits
+        (grad,) = torch.autograd.grad(scores.gather(1, target[:, None]).sum(), x)
+        return {"map": reduce_channels(grad), "logits": logits.detach()}
