@@ -72,7 +72,10 @@ class MethodSpec:
     vote: str = _f("mean", "voting rule", ("mean", "median", "trimmed_mean", "rank_mean"))
     similarity: str = _f("cosine", "consensus score measure", ("cosine", "pearson", "spearman", "topk_iou"))
     leave_one_out: bool = _f(False, "score each model against the vote of the others")
-    bootstrap: int = _f(1000, "bootstrap resamples (of images) for correlation confidence intervals", low=0)
+    bootstrap: int = _f(1000, "bootstrap resamples for the correlations' intervals, over images (blocks of them) "
+                              "and over members", low=0)
+    permutations: int = _f(10000, "random pairings for the correlations' permutation p-value (exact when all "
+                                  "pairings of the committee are fewer)", low=1)
     robustness_sizes: list = _f([], "sub-committee sizes for the robustness table (default: 3..K-1 in steps)")
     robustness_trials: int = _f(20, "random sub-committees drawn per size", low=0)
     seed: int = _f(0, "seed for bootstrap, sub-committees and stochastic explainers")

@@ -10,8 +10,10 @@ The protocol, line by line:
    image (default: cosine); a model's consensus score is the mean over images.
 4. ``alignment`` of a map, used as a pixel score, with a ground-truth mask (default:
    average precision).
-5. ``correlation`` / ``correlation_table`` relate models' mean consensus scores to their
-   accuracy, with p-values and an image-bootstrap confidence interval.
+5. ``correlation`` / ``correlation_rows`` relate members' mean consensus scores to their
+   accuracy: coefficients, scipy's and permutation p-values, and two intervals, one resampling
+   images (``block_bootstrap_means``) and one resampling members (``member_bootstrap``), both on
+   Fisher's z scale (``fisher_interval``).
 6. ``subcommittees`` draws the random smaller committees of the robustness analysis.
 
 Maps are float arrays whose last axis is the pixel axis (an H x W map flattened row-major,
@@ -21,6 +23,7 @@ scipy.stats are used, so the functions run anywhere the reducer or the report ru
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -343,115 +346,175 @@ def correlation(x: np.ndarray, y: np.ndarray, method: str) -> tuple[float, float
     return float(result.statistic), float(result.pvalue)
 
 
-def _model_means(weights: np.ndarray, values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Weighted per-model means over images: (B, N) weights, (N, C) values -> (B, C).
-
-    ``values`` holds 0 where ``valid`` is 0, so invalid images add nothing to either the
-    sum or the count; a model with no weighted valid image gets NaN.
-    """
-    # The product is the bootstrap's whole cost: count images by a product only for the
-    # columns that have invalid images; elsewhere the count is the sum of the weights.
-    counted = np.repeat(weights.sum(axis=1, keepdims=True), values.shape[1], axis=1)
-    partial = ~valid.all(axis=0)
-    if partial.any():
-        counted[:, partial] = weights @ valid[:, partial]
-    return _divide(weights @ values, counted, fill=np.nan)
-
-
-def correlation_table(
-    x_per_image: np.ndarray,
-    y_per_image: np.ndarray,
-    x_name: str,
-    y_name: str,
-    n_boot: int = 1000,
-    seed: int = 0,
-    ci: float = 0.95,
-    methods: tuple[str, ...] = CORRELATIONS,
-) -> list[dict]:
-    """Correlate two per-model statistics (each a mean over images), with bootstrap CIs.
+def correlations(x: np.ndarray, y: np.ndarray, method: str) -> np.ndarray:
+    """Coefficients of many paired samples at once: row r of x and y is one sample.
 
     Args:
-        x_per_image, y_per_image: (K models, N images) float; NaN marks an image that does
-            not count for that model (e.g. not voted on). A model's statistic is its mean
-            over its counted images.
-        x_name, y_name: names written to the ``x`` and ``y`` columns.
-        n_boot: bootstrap replicates; 0 gives NaN confidence bounds.
-        seed: seed of the ``numpy.random.Generator`` that draws the replicates.
-        ci: confidence level of the two-sided percentile interval.
-        methods: correlation methods, each one row.
-
-    The interval is a percentile bootstrap over images: replicate b draws N image indices
-    with replacement (``rng.integers(0, N, size=N)``, the b-th such draw of
-    ``numpy.random.default_rng(seed)``), the same for every model, recomputes every model's
-    mean and then the coefficient; replicates whose coefficient is undefined are ignored.
+        x, y: (R, n) float, one row per sample (e.g. per bootstrap replicate or permutation).
+        method: ``pearson``, ``spearman`` (Pearson of average ranks) or ``kendall`` (tau-b,
+            scipy's default), each equal to ``correlation(x[r], y[r], method)[0]``.
 
     Returns:
-        One dict per method with keys ``x, y, method, coefficient, p_value, ci_low,
-        ci_high, n`` (``n``: models whose means of both statistics are finite).
+        (R,) float64; NaN for a row with fewer than 3 finite pairs or a constant side. Rows
+        with a non-finite value are computed pair-dropping, one at a time.
     """
-    for method in methods:
-        _check_choice(method, CORRELATIONS, "correlation method")
-    if not 0.0 < ci < 1.0:
-        raise ValueError(f"ci must be in (0, 1), got {ci!r}")
-    if n_boot < 0:
-        raise ValueError(f"n_boot must be >= 0, got {n_boot!r}")
-    x_per_image = np.asarray(x_per_image, dtype=np.float64)
-    y_per_image = np.asarray(y_per_image, dtype=np.float64)
-    if x_per_image.ndim != 2 or x_per_image.shape != y_per_image.shape:
-        raise ValueError(
-            "x_per_image and y_per_image must both be (K models, N images), got "
-            f"{x_per_image.shape} and {y_per_image.shape}"
-        )
-    n_models, n_images = x_per_image.shape
-    # One (N, 2K) matrix so a replicate's x and y means come from a single product.
-    stacked = np.concatenate([x_per_image, y_per_image]).T
-    valid = np.isfinite(stacked).astype(np.float64)
-    values = np.where(valid > 0, stacked, 0.0)
+    _check_choice(method, CORRELATIONS, "correlation method")
+    x, y = np.atleast_2d(np.asarray(x, np.float64)), np.atleast_2d(np.asarray(y, np.float64))
+    if x.shape != y.shape:
+        raise ValueError(f"x and y must have the same shape, got {x.shape} and {y.shape}")
+    out = np.full(len(x), np.nan)
+    whole = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1)
+    for r in np.flatnonzero(~whole):
+        out[r] = correlation(x[r], y[r], method)[0]
+    xs, ys = x[whole], y[whole]
+    if not len(xs) or xs.shape[1] < 3:
+        return out
+    defined = (np.ptp(xs, axis=1) > 0) & (np.ptp(ys, axis=1) > 0)
+    if method == "kendall":
+        values = _kendall_tau_b(xs, ys)
+    else:
+        if method == "spearman":
+            xs, ys = stats.rankdata(xs, axis=1), stats.rankdata(ys, axis=1)
+        values = np.clip(_cosine(xs - xs.mean(axis=1, keepdims=True), ys - ys.mean(axis=1, keepdims=True)), -1, 1)
+    out[whole] = np.where(defined, values, np.nan)
+    return out
 
-    means = _model_means(np.ones((1, n_images)), values, valid)[0]
-    x_means, y_means = means[:n_models], means[n_models:]
-    n_paired = int(np.sum(np.isfinite(x_means) & np.isfinite(y_means)))
 
-    replicates = np.full((len(methods), n_boot), np.nan)
+def _kendall_tau_b(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """tau-b of each row pair: (concordant - discordant) / sqrt((n0 - ties in x)(n0 - ties in y)),
+    n0 = n(n-1)/2 pairs, counted over i < j in blocks of rows."""
+    n = x.shape[1]
+    i, j = np.triu_indices(n, k=1)
+    out = np.empty(len(x))
+    rows = max(1, _BLOCK_ELEMENTS // max(len(i), 1))
+    for start in range(0, len(x), rows):
+        dx = np.sign(x[start:start + rows, i] - x[start:start + rows, j])
+        dy = np.sign(y[start:start + rows, i] - y[start:start + rows, j])
+        n0 = len(i)
+        denominator = np.sqrt((n0 - np.sum(dx == 0, axis=1)) * (n0 - np.sum(dy == 0, axis=1)))
+        out[start:start + rows] = _divide(np.sum(dx * dy, axis=1), denominator, fill=np.nan)
+    return out
+
+
+def block_bootstrap_means(sums: np.ndarray, counts: np.ndarray, n_boot: int, seed: int = 0) -> np.ndarray:
+    """Bootstrap replicates of ratio means over resampled blocks of images.
+
+    Args:
+        sums, counts: (n_blocks, C) float: per block of images, the sum of a statistic and how
+            many images it counts, for C statistics (e.g. each member's consensus score).
+        n_boot: replicates. Replicate b draws n_blocks blocks with replacement
+            (``rng.integers(0, n_blocks, n_blocks)``, the b-th such draw of
+            ``numpy.random.default_rng(seed)``) and weighs each block by how often it was drawn.
+        seed: seed of the generator.
+
+    Returns:
+        (n_boot, C) float64: sum over drawn blocks of sums / of counts (NaN where 0 counted).
+        With one image per block this is the ordinary bootstrap over images.
+    """
+    sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
+    n_blocks = len(sums)
+    out = np.full((n_boot, sums.shape[1]), np.nan)
+    if not n_blocks:
+        return out
     rng = np.random.default_rng(seed)
-    chunk = max(1, _BLOCK_ELEMENTS // max(n_images, 1))
-    # Without images there is nothing to resample: the interval stays NaN.
-    for start in range(0, n_boot if n_images else 0, chunk):
+    chunk = max(1, _BLOCK_ELEMENTS // n_blocks)
+    for start in range(0, n_boot, chunk):
         size = min(chunk, n_boot - start)
-        # One draw of N indices per replicate, in replicate order, so the replicates do not
-        # depend on the chunking. A row of counts (how often each image was drawn) is that
-        # replicate's weighting of the images.
-        drawn = np.stack([rng.integers(0, n_images, size=n_images) for _ in range(size)])
-        offsets = n_images * np.arange(size)[:, None]
-        counts = np.bincount((drawn + offsets).ravel(), minlength=size * n_images)
-        boot_means = _model_means(counts.reshape(size, n_images).astype(np.float64), values, valid)
-        for row, replicate_means in enumerate(boot_means, start=start):
-            for m, method in enumerate(methods):
-                replicates[m, row] = correlation(
-                    replicate_means[:n_models], replicate_means[n_models:], method
-                )[0]
+        drawn = np.stack([rng.integers(0, n_blocks, size=n_blocks) for _ in range(size)])
+        weights = np.bincount((drawn + n_blocks * np.arange(size)[:, None]).ravel(),
+                              minlength=size * n_blocks).reshape(size, n_blocks).astype(np.float64)
+        out[start:start + size] = _divide(weights @ sums, weights @ counts, fill=np.nan)
+    return out
 
-    tail = 100.0 * (1.0 - ci) / 2.0
+
+def member_bootstrap(x: np.ndarray, y: np.ndarray, method: str, n_boot: int, seed: int = 0) -> np.ndarray:
+    """Correlations of the committee resampled: replicate b draws K members with replacement
+    (``rng.integers(0, K, K)`` from ``numpy.random.default_rng(seed)``) and correlates their pairs.
+
+    x, y: (K,) one value per member, all finite. Returns (n_boot,) float64, NaN for replicates
+    whose draw leaves a side constant (few distinct members: frequent when K is small).
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(x), size=(n_boot, len(x)))
+    return correlations(x[draws], y[draws], method)
+
+
+def permutation_p_value(x: np.ndarray, y: np.ndarray, method: str, n_perm: int = 10000, seed: int = 0) -> float:
+    """Two-sided permutation p-value of the correlation of paired values under exchangeable pairing.
+
+    Exact when all K! pairings number at most `n_perm` (the share of pairings whose |coefficient|
+    reaches the observed one); else Monte Carlo with `n_perm` seeded random pairings,
+    (1 + reaching) / (1 + n_perm). x, y: (K,) finite. NaN when the coefficient is undefined.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    observed = correlation(x, y, method)[0]
+    if not np.isfinite(observed):
+        return math.nan
+    k = len(x)
+    exact = math.factorial(k) <= n_perm
+    if exact:
+        orders = np.array(list(itertools.permutations(range(k))), dtype=np.int64)
+    else:
+        rng = np.random.default_rng(seed)
+        orders = np.argsort(rng.random((n_perm, k)), axis=1)
+    values = correlations(np.broadcast_to(x, orders.shape), y[orders], method)
+    reaching = int(np.sum(np.abs(values) >= abs(observed) - 1e-12))
+    return reaching / len(orders) if exact else (1 + reaching) / (1 + len(orders))
+
+
+def fisher_interval(coefficient: float, replicates: np.ndarray, ci: float = 0.95) -> tuple[float, float]:
+    """A bootstrap interval for a correlation that always contains it: normal on Fisher's z scale,
+    tanh(atanh(r) -/+ z_ci * sd(atanh(r*))), r* the defined replicates (|r| clipped below 1).
+
+    It stays inside (-1, 1) and, being centred on the estimate, cannot exclude it (percentile
+    intervals can, when the replicates are skewed). (NaN, NaN) with fewer than 2 replicates.
+    """
+    reps = np.asarray(replicates, np.float64)
+    reps = reps[np.isfinite(reps)]
+    if not np.isfinite(coefficient) or len(reps) < 2:
+        return math.nan, math.nan
+    edge = 1 - 1e-12
+    centre = math.atanh(min(max(coefficient, -edge), edge))
+    half = stats.norm.ppf((1 + ci) / 2) * float(np.std(np.arctanh(np.clip(reps, -edge, edge)), ddof=1))
+    # min/max: at |r| near 1, tanh(atanh(r)) can round past r itself.
+    return min(math.tanh(centre - half), coefficient), max(math.tanh(centre + half), coefficient)
+
+
+def correlation_rows(x: np.ndarray, y: np.ndarray, x_reps: np.ndarray, y_reps: np.ndarray, x_name: str,
+                     y_name: str, n_boot: int = 1000, n_perm: int = 10000, seed: int = 0, ci: float = 0.95,
+                     methods: tuple[str, ...] = CORRELATIONS) -> list[dict]:
+    """Correlate two per-member statistics, with two intervals and a permutation p-value.
+
+    Args:
+        x, y: (K,) each member's statistic (e.g. mean consensus score, accuracy); members with a
+            non-finite value on either side do not count.
+        x_reps, y_reps: (B, K) the same statistics in B image-bootstrap replicates
+            (``block_bootstrap_means``), for the interval over images.
+        n_boot: member-bootstrap replicates, for the interval over members.
+        n_perm, seed, ci: see ``permutation_p_value``, ``member_bootstrap``, ``fisher_interval``.
+
+    Returns:
+        Per method two rows with keys ``x, y, method, coefficient, p_value`` (scipy's),
+        ``p_permutation``, ``ci_over`` (``images``: how precisely the members' statistics are
+        known from this image sample; ``members``: how much the coefficient depends on which
+        members the committee has), ``ci_low, ci_high, n`` (members counted).
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
     rows = []
-    for method, method_replicates in zip(methods, replicates):
-        coefficient, p_value = correlation(x_means, y_means, method)
-        defined = method_replicates[np.isfinite(method_replicates)]
-        if defined.size:
-            ci_low, ci_high = np.percentile(defined, [tail, 100.0 - tail])
-        else:
-            ci_low = ci_high = math.nan
-        rows.append(
-            {
-                "x": x_name,
-                "y": y_name,
-                "method": method,
-                "coefficient": coefficient,
-                "p_value": p_value,
-                "ci_low": float(ci_low),
-                "ci_high": float(ci_high),
-                "n": n_paired,
-            }
-        )
+    for method in methods:
+        coefficient, p_value = correlation(x, y, method)
+        p_perm = permutation_p_value(x[keep], y[keep], method, n_perm, seed) if keep.sum() >= 3 else math.nan
+        over = {"images": correlations(np.asarray(x_reps)[:, keep], np.asarray(y_reps)[:, keep], method)
+                if len(x_reps) else np.array([]),
+                "members": member_bootstrap(x[keep], y[keep], method, n_boot, seed) if keep.sum() >= 3 else
+                np.array([])}
+        for ci_over, replicates in over.items():
+            low, high = fisher_interval(coefficient, replicates, ci)
+            rows.append({"x": x_name, "y": y_name, "method": method, "coefficient": coefficient, "p_value": p_value,
+                         "p_permutation": p_perm, "ci_over": ci_over, "ci_low": low, "ci_high": high,
+                         "n": int(keep.sum())})
     return rows
 
 

@@ -14,6 +14,11 @@ module. Paths come from `units`. Arrays are numpy; nothing here imports torch or
     scores/shard=N                   image_id, model_id, label, pred, correct, voted, consensus_score,
                                      one column per similarity [, one per alignment metric]
     subcommittees/shard=N            k, trial, model_id, score_sum, n_voted
+    aggregates/shard=N               model_id, block, n_images, n_correct, n_voted, score_sum, score_n
+                                     [, <metric>_sum, <metric>_n per alignment metric]
+    tables/images/shard=N            image_id, label, voted, members, members_correct, majority_pred,
+                                     majority_votes, mean_consensus_score, min_consensus_score
+                                     [, consensus_<metric> per alignment metric]
     run.json                         the resolved spec (secrets masked), plan, counts, timings
 """
 
@@ -31,6 +36,7 @@ from ray_consensus.storage import Store
 from ray_consensus.units import DATA_FILE, attributions_dir, shard_dir
 
 MANIFEST_FILE = "manifest.parquet"
+CONSENSUS_ID = "consensus"  # the vote's own row in the aggregates and the models table
 MANIFEST_ERRORS_FILE = f"errors/manifest/{DATA_FILE}"
 RUN_FILE = "run.json"
 
@@ -45,12 +51,20 @@ class ImageRef(NamedTuple):
 
 
 def file_of(kind: str, shard: int) -> str:
-    """The data file of a per-shard table: kind is inputs | errors | consensus | scores | subcommittees."""
+    """The data file of a per-shard table: inputs | errors | consensus | scores | subcommittees | aggregates."""
     return f"{shard_dir(kind, shard)}/{DATA_FILE}"
 
 
 def attributions_file(model_id: str, shard: int) -> str:
     return f"{attributions_dir(model_id, shard)}/{DATA_FILE}"
+
+
+def images_file(shard: int) -> str:
+    """A shard's rows of tables/images (a Hive-partitioned table: one file per shard, written by its reducer)."""
+    return f"tables/{shard_dir('images', shard)}/{DATA_FILE}"
+
+
+IMAGES_TABLE = "tables/images"
 
 
 # ---------------------------------------------------------------- columns
@@ -275,10 +289,21 @@ def encode_subcommittees(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SUBCOMMITTEE_SCHEMA)
 
 
+def encode_aggregates(columns: dict[str, np.ndarray]) -> pa.Table:
+    """A shard's aggregates: one row per (model_id, block) with the sums and counts behind the run-level
+    tables (`reduce.shard_aggregates` builds the columns; the `consensus` rows are the vote's own)."""
+    return pa.table({k: pa.array(v) for k, v in columns.items()})
+
+
+def encode_images(columns: dict[str, np.ndarray]) -> pa.Table:
+    """A shard's rows of tables/images (`reduce.image_rows` builds the columns)."""
+    return pa.table({k: pa.array(v) for k, v in columns.items()})
+
+
 def read_per_shard(store: Store, kind: str, shards: list[int], columns: list[str] | None = None) -> pd.DataFrame:
-    """The rows of a per-shard table over the given shards."""
-    frames = [store.read_parquet(file_of(kind, s), columns=columns).to_pandas() for s in shards]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns or [])
+    """The rows of a per-shard table over the given shards, with a `shard` column."""
+    frames = [store.read_parquet(file_of(kind, s), columns=columns).to_pandas().assign(shard=s) for s in shards]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=(columns or []) + ["shard"])
 
 
 # ---------------------------------------------------------------- run.json

@@ -10,8 +10,9 @@ with the stored marker decides whether the unit is recomputed. The rule (also in
     attributions (m, s)      member m's id, arch, weights and kwargs; the explainer's name and every
                              parameter; method.target, method.seed, run.map_dtype; resources.autocast
                              unless it is none (float32); and the inputs fingerprint of s
-    reduce unit of s         each member's attribution fingerprint, every method option but
-                             method.bootstrap (a table option), and the robustness sub-committees
+    reduce unit of s         each member's attribution fingerprint, the method options but
+                             method.bootstrap and method.permutations (table options), the
+                             robustness sub-committees, and the reduce unit's contract version
 
 Not in any fingerprint: how the work is executed, which changes the maps at most by float
 rounding (resources.batch_size and committee[].batch_size, actors, GPUs, CPUs, channels_last;
@@ -22,7 +23,6 @@ its manifest. `tests/test_plan.py` states the rule change by change.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
@@ -140,10 +140,17 @@ def attribution_recipe(spec: RunSpec, member) -> _Recipe:
                    _Recipe._HOLE, *precision)
 
 
+# The method options a reduced shard depends on (bootstrap and permutations are table options).
+REDUCE_OPTIONS = ("target", "voted", "normalise", "vote", "similarity", "leave_one_out", "robustness_sizes",
+                  "robustness_trials", "seed")
+# Bumped when a reduce unit gains or changes files: 2 added aggregates/ and tables/images/ (0.2.0).
+REDUCE_CONTRACT = 2
+
+
 def reduce_recipe(spec: RunSpec, subsets: list) -> _Recipe:
-    method = dataclasses.asdict(spec.method)
-    method.pop("bootstrap")  # a table-level option: reduced shards do not depend on it
-    return _Recipe("reduce", _Recipe._HOLE, method, [(k, t, list(map(int, idx))) for k, t, idx in subsets])
+    method = {key: getattr(spec.method, key) for key in REDUCE_OPTIONS}
+    return _Recipe("reduce", _Recipe._HOLE, method, [(k, t, list(map(int, idx))) for k, t, idx in subsets],
+                   {"contract": REDUCE_CONTRACT})
 
 
 def _shard_contents(table: pd.DataFrame) -> list[str]:

@@ -49,6 +49,7 @@ class GalleryItem:
     model_maps: model_id -> (h, w) float normalised map.
     label: the class explained.
     scores: model_id -> consensus score of that model on this image.
+    note: a line shown beside the label (e.g. why the image is among the most disputed).
     """
 
     image_id: str
@@ -58,19 +59,22 @@ class GalleryItem:
     model_maps: dict[str, np.ndarray]
     label: int
     scores: dict[str, float]
+    note: str = ""
 
 
 def render_report(models: pd.DataFrame, correlations: pd.DataFrame,
                   robustness: pd.DataFrame | None, gallery: list[GalleryItem],
-                  run_info: dict) -> str:
+                  run_info: dict, disputed: list[GalleryItem] | None = None) -> str:
     """Render the report of one run and return its HTML text.
 
     models: one row per committee member (model_id, arch, accuracy, n_images, n_voted,
         consensus_score, and where masks exist ap, roc_auc, pointing_game); an optional
         row with model_id == "consensus" holds the consensus's own alignment means.
-    correlations: x, y, method, coefficient, p_value, ci_low, ci_high, n.
+    correlations: x, y, method, coefficient, p_value, p_permutation, ci_over (images |
+        members), ci_low, ci_high, n: two rows per (x, y, method), one per interval.
     robustness: k, trial, method, coefficient (sub-committee correlations), or None.
     gallery: samples shown as rows of image, mask, consensus and each model's map.
+    disputed: the images the committee agrees on least, shown the same way (None: no section).
     run_info: the run's run.json dict; only the explainer, error count and creation
         time are read from it (top level or under "config"), nothing is dumped.
     """
@@ -90,6 +94,9 @@ def render_report(models: pd.DataFrame, correlations: pd.DataFrame,
         _section("Robustness to committee size", _robustness_figure(robustness)),
         _section("Gallery", _gallery_figure(gallery, [str(m) for m in members["model_id"]])),
     ]
+    if disputed is not None:
+        sections.append(_section("Most disputed images", _disputed_figure(disputed,
+                                                                          [str(m) for m in members["model_id"]])))
     return _page("".join(sections))
 
 
@@ -205,7 +212,8 @@ def _format_value(value: object, style: str = "auto") -> str:
 
 
 _CORRELATION_FORMATS = {"x": "auto", "y": "auto", "method": "auto", "coefficient": "auto",
-                        "p_value": "p", "ci_low": "auto", "ci_high": "auto", "n": "int"}
+                        "p_value": "p", "p_permutation": "p", "ci_over": "auto", "ci_low": "auto",
+                        "ci_high": "auto", "n": "int"}
 
 
 def _models_table(table: pd.DataFrame) -> str:
@@ -281,19 +289,30 @@ def _scatter_figure(members: pd.DataFrame, correlations: pd.DataFrame) -> str:
     if not correlations.empty:
         correlations = correlations[(correlations["x"] == "consensus_score")
                                     & (correlations["y"] == "accuracy")]
-    stats = "; ".join(_correlation_text(row) for row in correlations.itertuples(index=False))
+    stats = "; ".join(_correlation_text(rows) for _, rows in correlations.groupby("method", sort=False))
     caption = (f"Each point is one committee member ({len(points)} models). "
-               + (stats + "." if stats else "No correlation was computed."))
+               + (stats + ". " + html.escape(UNCERTAINTY) if stats else "No correlation was computed."))
     return _figure("scatter", _chart_img(fig, "consensus score vs accuracy"), caption)
 
 
-def _correlation_text(row) -> str:
-    """'Spearman ρ = 0.829 (p = 0.042, CI [0.210, 0.980], n = 6)' as escaped HTML."""
-    name = METHOD_NAMES.get(str(row.method), str(row.method))
+UNCERTAINTY = ("Intervals (95%, Fisher-z normal with a bootstrap standard error) over images resample "
+               "blocks of images: how precisely each member's means are known from this image sample; "
+               "over members they resample the committee: how much the correlation depends on which "
+               "members it has, wide when the committee is small; the permutation p-value re-pairs the "
+               "members' two statistics at random.")
+
+
+def _correlation_text(rows: pd.DataFrame) -> str:
+    """'Spearman ρ = 0.829 (p = 0.042, permutation p = 0.05; CI over images [0.70, 0.90], over members
+    [0.21, 0.98]; n = 6)' as escaped HTML, from a method's rows (one per interval)."""
+    first = rows.iloc[0]
+    name = METHOD_NAMES.get(str(first.method), str(first.method))
+    intervals = ", ".join(f"over {r.ci_over} [{_format_value(r.ci_low)}, {_format_value(r.ci_high)}]"
+                          for r in rows.itertuples(index=False))
     return html.escape(
-        f"{name} = {_format_value(row.coefficient)} (p = {_format_value(row.p_value, 'p')}, "
-        f"CI [{_format_value(row.ci_low)}, {_format_value(row.ci_high)}], "
-        f"n = {_format_value(row.n, 'int')})", quote=False)
+        f"{name} = {_format_value(first.coefficient)} (p = {_format_value(first.p_value, 'p')}, "
+        f"permutation p = {_format_value(first.p_permutation, 'p')}; CI {intervals}; "
+        f"n = {_format_value(first.n, 'int')})", quote=False)
 
 
 def _alignment_figure(members: pd.DataFrame, reference: pd.DataFrame) -> str:
@@ -357,6 +376,18 @@ def _gallery_figure(gallery: list[GalleryItem], model_order: list[str]) -> str:
     return _figure("gallery", items, html.escape(caption))
 
 
+def _disputed_figure(items: list[GalleryItem], model_order: list[str]) -> str:
+    if not items:
+        return _note("No image to show.", "disputed-note")
+    caption = ("The images whose members' maps agree least with each other (lowest mean consensus score "
+               "over the committee), each with how many members classify it correctly and the "
+               "committee's majority prediction: where an auditor looks for label noise (a confident "
+               "majority against the label) and for shortcut features (maps on the background). "
+               "tables/images holds every image's figures.")
+    return _figure("disputed", "".join(_gallery_item(item, model_order) for item in items),
+                   html.escape(caption))
+
+
 def _gallery_item(item: GalleryItem, model_order: list[str]) -> str:
     ordered = [m for m in model_order if m in item.model_maps]
     ordered += [m for m in item.model_maps if m not in ordered]
@@ -377,6 +408,7 @@ def _gallery_item(item: GalleryItem, model_order: list[str]) -> str:
                              title))
     return (f'<div class="gallery-item">\n'
             f'<div class="gallery-head">{image_id} <span>label {int(item.label)} · '
+            f'{html.escape(item.note) + " · " if item.note else ""}'
             f"colour scale 0 – {vmax:.3g}</span></div>\n"
             f'<div class="panels">{"".join(panels)}</div>\n</div>\n')
 

@@ -1,8 +1,9 @@
 """The report of a stored run: reads what it shows and renders it with `report.py`.
 
 It reads the run through the data contract (`contract.read_run` parses run.json's spec) and
-only what the page shows: the tables, and for the gallery a few shards (their consensus and
-scores, and each member's attributions of the images chosen), never every shard.
+only what the page shows: the tables (of tables/images a few columns, to find the most disputed
+images), and the shards of the images it shows (their consensus, scores and each member's
+attributions), never every shard.
 """
 
 from __future__ import annotations
@@ -11,19 +12,21 @@ import numpy as np
 import pandas as pd
 
 from ray_consensus import consensus as cm
-from ray_consensus.contract import StoredRun, read_consensus, read_maps, read_run, read_scores, read_stored_manifest
+from ray_consensus.contract import (IMAGES_TABLE, StoredRun, read_consensus, read_maps, read_run, read_scores,
+                                    read_stored_manifest)
 from ray_consensus.report import GalleryItem, render_report
 from ray_consensus.storage import Store, read_uri_bytes
 
 
 def write_report(store: Store) -> str:
-    """Render report/index.html from the run root's tables and a gallery of sample images; returns its URI."""
+    """Render report/index.html from the run root's tables, a gallery of sample images and the most
+    disputed images; returns its URI."""
     run = read_run(store)
     tables = {name: store.read_parquet(f"tables/{name}.parquet").to_pandas() if store.exists(
         f"tables/{name}.parquet") else None for name in ("models", "correlations", "robustness")}
     summary = {**run.info, "explainer": run.info["spec"]["explainer"], "created": run.info.get("updated")}
     html = render_report(tables["models"], tables["correlations"], tables["robustness"], gallery_items(store, run),
-                         summary)
+                         summary, disputed_items(store, run))
     store.write_text("report/index.html", html)
     return store.uri("report/index.html")
 
@@ -31,40 +34,63 @@ def write_report(store: Store) -> str:
 def gallery_items(store: Store, run: StoredRun, max_shards: int = 8) -> list[GalleryItem]:
     """A few voted images with image, mask, consensus and every model's map: from the first
     shards (at most `max_shards` read), one image per class before any class repeats."""
-    from ray_consensus.data import decode_image
-
-    spec = run.spec
-    want, models = spec.run.gallery, [m.id for m in spec.committee]
-    manifest = read_stored_manifest(store, columns=["image_id", "uri", "shard"])
+    want = run.spec.run.gallery
+    manifest = read_stored_manifest(store, columns=["shard"])
     if not want or manifest is None:
         return []
-    uris = manifest.set_index("image_id")["uri"]
     voted = []
     for s in sorted(manifest["shard"].unique())[:max_shards]:
-        cons = read_consensus(store, int(s))
+        cons = read_consensus(store, int(s), columns=["image_id", "label", "voted"])
         voted.append(cons[cons["voted"]].assign(shard=int(s)))
         if sum(len(v) for v in voted) >= want and pd.concat(voted)["label"].nunique() >= want:
             break
     voted = pd.concat(voted, ignore_index=True)
     first = ~voted["label"].duplicated()
     chosen = pd.concat([voted[first], voted[~first]]).head(want)
-    side = spec.run.map_size
-    items = []
+    items = _items(store, run, chosen.assign(note=""))
+    return sorted(items, key=lambda i: (i.label, i.image_id))
+
+
+def disputed_items(store: Store, run: StoredRun) -> list[GalleryItem] | None:
+    """The `run.gallery` images with the lowest mean consensus score over the committee (tables/images
+    is read by a few columns; only their shards' maps are read). None for runs without tables/images."""
+    if not store.list(IMAGES_TABLE):
+        return None
+    table = store.read_parquet(IMAGES_TABLE, columns=["image_id", "shard", "label", "members", "members_correct",
+                                                      "majority_pred", "majority_votes", "mean_consensus_score"])
+    rows = table.to_pandas().sort_values(["mean_consensus_score", "image_id"], na_position="last")
+    chosen = rows.head(run.spec.run.gallery)
+    notes = [f"mean consensus score {r.mean_consensus_score:.3f}, {r.members_correct}/{r.members} members correct, "
+             f"majority prediction {r.majority_pred} ({r.majority_votes} votes)" for r in chosen.itertuples()]
+    return _items(store, run, chosen.assign(shard=chosen["shard"].astype(int), note=notes))
+
+
+def _items(store: Store, run: StoredRun, chosen: pd.DataFrame) -> list[GalleryItem]:
+    """Gallery items of the chosen images (columns image_id, shard, note), in the order given; each
+    shard's consensus, scores and member maps read once."""
+    from ray_consensus.data import decode_image
+
+    spec = run.spec
+    models, side = [m.id for m in spec.committee], spec.run.map_size
+    uris = read_stored_manifest(store, columns=["image_id", "uri"]).set_index("image_id")["uri"]
+    by_id = {}
     for s, rows in chosen.groupby("shard", sort=True):
-        scores = read_scores(store, s, columns=["image_id", "model_id", "consensus_score"])
-        maps = {m: read_maps(store, m, s, side * side) for m in models}
+        cons = read_consensus(store, int(s)).set_index("image_id")
+        scores = read_scores(store, int(s), columns=["image_id", "model_id", "consensus_score"])
+        maps = {m: read_maps(store, m, int(s), side * side) for m in models}
         for row in rows.itertuples():
             try:
                 image = decode_image(read_uri_bytes(uris.loc[row.image_id], spec.storage), spec.run.image_size)
             except Exception:  # the image vanished since the run: show the others
                 continue
-            mask = getattr(row, "mask", None)
+            c = cons.loc[row.image_id]
+            mask = c["mask"] if "mask" in cons.columns else None
             per_image = scores[scores["image_id"] == row.image_id].set_index("model_id")["consensus_score"]
-            items.append(GalleryItem(
+            by_id[row.image_id] = GalleryItem(
                 image_id=row.image_id, image=image,
                 mask=None if mask is None else np.asarray(mask, np.uint8).reshape(side, side),
-                consensus=np.asarray(row.consensus, np.float32).reshape(side, side),
+                consensus=np.asarray(c["consensus"], np.float32).reshape(side, side),
                 model_maps={m: cm.normalise(maps[m][row.image_id], spec.method.normalise).reshape(side, side)
                             for m in models},
-                label=int(row.label), scores={m: float(per_image.get(m, np.nan)) for m in models}))
-    return sorted(items, key=lambda i: (i.label, i.image_id))
+                label=int(c["label"]), scores={m: float(per_image.get(m, np.nan)) for m in models}, note=row.note)
+    return [by_id[i] for i in chosen["image_id"] if i in by_id]

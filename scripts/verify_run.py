@@ -71,9 +71,11 @@ def main(root: str) -> int:
               f"consensus >= median member: {mean_c >= median_member}")
         ok = ok and worst_ap <= 1e-4 and abs(mean_c - stored_c) <= 1e-4
     corr = pd.read_parquet(f"{root}/tables/correlations.parquet")
-    sp = corr[(corr.x == "consensus_score") & (corr.y == "accuracy") & (corr.method == "spearman")].iloc[0]
-    print(f"Spearman(consensus score, accuracy) = {sp.coefficient:.3f} (p = {sp.p_value:.3g}, "
-          f"95% CI [{sp.ci_low:.3f}, {sp.ci_high:.3f}], n = {sp.n})")
+    sp = corr[(corr.x == "consensus_score") & (corr.y == "accuracy") & (corr.method == "spearman")]
+    first = sp.iloc[0]
+    intervals = ", ".join(f"over {r.ci_over} [{r.ci_low:.3f}, {r.ci_high:.3f}]" for r in sp.itertuples())
+    print(f"Spearman(consensus score, accuracy) = {first.coefficient:.3f} (p = {first.p_value:.3g}, permutation "
+          f"p = {first.p_permutation:.3g}; 95% CI {intervals}; n = {first.n})")
     acc = models.loc[model_ids, "accuracy"]
     print(f"accuracy span: {acc.min():.3f} .. {acc.max():.3f} ({acc.max() - acc.min():.3f}) over {len(acc)} models")
     return 0 if ok else 1

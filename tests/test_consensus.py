@@ -14,10 +14,15 @@ from scipy import stats
 from ray_consensus import consensus
 from ray_consensus.consensus import (
     alignment,
+    block_bootstrap_means,
     correlation,
-    correlation_table,
+    correlation_rows,
+    correlations,
+    fisher_interval,
     leave_one_out_votes,
+    member_bootstrap,
     normalise,
+    permutation_p_value,
     similarity,
     subcommittees,
     vote,
@@ -384,102 +389,130 @@ def test_correlation_undefined_cases(method):
     assert all(math.isnan(v) for v in nan_pair)
 
 
-def per_model_means(values):
-    """Mean of each row over its finite entries (NaN for a row without any)."""
-    finite = np.isfinite(values)
-    counts = finite.sum(axis=1)
-    sums = np.where(finite, values, 0.0).sum(axis=1)
-    return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+@pytest.mark.parametrize("method", consensus.CORRELATIONS)
+def test_many_correlations_at_once_equal_scipy_row_by_row(method):
+    rng = np.random.default_rng(11)
+    x = rng.random((40, 7))
+    y = x + rng.normal(scale=0.4, size=x.shape)
+    x[5], y[6] = np.round(x[5], 1), np.round(y[6], 1)  # ties
+    x[7] = 2.0  # constant: undefined
+    y[8, 3] = np.nan  # a pair dropped: that row alone goes pair by pair
+    got = correlations(x, y, method)
+    expected = [correlation(a, b, method)[0] for a, b in zip(x, y)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert np.isnan(got[7]) and np.isfinite(got[8])
 
 
-def brute_force_bootstrap_interval(x, y, method, n_boot, seed, ci):
-    """Percentile interval, one replicate at a time, straight from the documented recipe."""
-    rng = np.random.default_rng(seed)
-    coefficients = []
-    for _ in range(n_boot):
-        images = rng.integers(0, x.shape[1], size=x.shape[1])
-        mx, my = per_model_means(x[:, images]), per_model_means(y[:, images])
-        keep = np.isfinite(mx) & np.isfinite(my)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # scipy warns on constant input; NaN is skipped
-            coefficient = SCIPY[method](mx[keep], my[keep]).statistic if keep.sum() >= 3 else np.nan
-        if np.isfinite(coefficient):
-            coefficients.append(coefficient)
-    tail = 100 * (1 - ci) / 2
-    return np.percentile(coefficients, [tail, 100 - tail])
+def test_block_bootstrap_means_weigh_each_block_by_how_often_it_is_drawn():
+    # 3 blocks; replicate b's means are sum(w_b * sums) / sum(w_b * counts) for the documented draws.
+    sums = np.array([[1.0, 10.0], [2.0, 0.0], [6.0, 4.0]])
+    counts = np.array([[1.0, 2.0], [1.0, 0.0], [2.0, 2.0]])
+    got = block_bootstrap_means(sums, counts, n_boot=5, seed=3)
+    rng = np.random.default_rng(3)
+    for replicate in got:
+        w = np.bincount(rng.integers(0, 3, size=3), minlength=3).astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            np.testing.assert_allclose(replicate, (w @ sums) / (w @ counts), equal_nan=True)
+    # one image per block: the ordinary bootstrap of a mean
+    values = np.arange(6.0)[:, None]
+    assert np.allclose(block_bootstrap_means(values, np.ones_like(values), 200, 0).mean(), 2.5, atol=0.15)
 
 
-def gappy_per_image_statistics(n_models, n_images, seed):
-    rng = np.random.default_rng(seed)
-    quality = np.linspace(0, 1, n_models)[:, None]
-    x = quality + rng.normal(scale=0.5, size=(n_models, n_images))
-    y = (rng.random((n_models, n_images)) < 0.3 + 0.5 * quality).astype(float)
-    x[rng.random(x.shape) < 0.3] = np.nan  # images a model was not scored on
-    x[0, 1:] = np.nan  # model 0 counts a single image: often absent from a replicate
-    return x, y
+def test_fisher_interval_is_centred_on_the_estimate_in_z_and_always_contains_it():
+    reps = np.array([0.1, 0.3, 0.5, 0.7])
+    low, high = fisher_interval(0.4, reps, ci=0.9)
+    half = stats.norm.ppf(0.95) * np.std(np.arctanh(reps), ddof=1)
+    assert (low, high) == pytest.approx((np.tanh(np.arctanh(0.4) - half), np.tanh(np.arctanh(0.4) + half)))
+    # replicates all on one side of the estimate (a percentile interval would exclude it)
+    low, high = fisher_interval(0.9, np.array([0.1, 0.2, 0.25, 0.3]))
+    assert low < 0.9 < high < 1
+    assert fisher_interval(1.0, np.ones(10)) == pytest.approx((1.0, 1.0))  # a perfect committee: no spread
+    assert all(math.isnan(v) for v in fisher_interval(0.5, np.array([0.5])))
 
 
-@pytest.mark.parametrize("n_models", [3, 6])  # with 3 models many replicates have n < 3
-@pytest.mark.parametrize("block_elements", [consensus._BLOCK_ELEMENTS, 30])
-def test_bootstrap_interval_matches_brute_force(monkeypatch, n_models, block_elements):
-    # A small block size draws the replicates in several chunks; the result must not change.
-    monkeypatch.setattr(consensus, "_BLOCK_ELEMENTS", block_elements)
-    x, y = gappy_per_image_statistics(n_models, n_images=15, seed=n_models)
-    rows = correlation_table(x, y, "consensus_score", "accuracy", n_boot=60, seed=7, ci=0.9)
-    assert [row["method"] for row in rows] == list(consensus.CORRELATIONS)
-    for row in rows:
-        expected = brute_force_bootstrap_interval(x, y, row["method"], 60, seed=7, ci=0.9)
-        np.testing.assert_allclose([row["ci_low"], row["ci_high"]], expected)
+def test_permutation_p_value_exact_and_monte_carlo():
+    x, y = np.arange(5.0), np.arange(5.0) ** 3  # perfectly monotone: only the identity and reversal reach |rho| = 1
+    assert permutation_p_value(x, y, "spearman") == pytest.approx(2 / 120)  # exact: 5! pairings
+    assert permutation_p_value(x, y, "kendall") == pytest.approx(2 / 120)
+    big = np.arange(12.0)  # 12! pairings: Monte Carlo, at least 1 / (1 + n)
+    assert permutation_p_value(big, big, "spearman", n_perm=999) == pytest.approx(1 / 1000)
+    assert permutation_p_value(big, big, "spearman", n_perm=999, seed=1) == pytest.approx(1 / 1000)
+    assert math.isnan(permutation_p_value(x, np.ones(5), "pearson"))
 
 
-def test_point_estimate_correlates_nan_means_and_counts_models():
-    x, y = gappy_per_image_statistics(6, n_images=15, seed=4)
-    x[2] = np.nan  # model 2 was never scored: it has no mean and does not count
-    rows = correlation_table(x, y, "consensus_score", "accuracy", n_boot=20)
-    mx, my = per_model_means(x), per_model_means(y)
-    keep = np.isfinite(mx)
-    for row in rows:
-        assert (row["x"], row["y"], row["n"]) == ("consensus_score", "accuracy", 5)
-        expected = SCIPY[row["method"]](mx[keep], my[keep])
-        assert row["coefficient"] == pytest.approx(expected.statistic)
-        assert row["p_value"] == pytest.approx(expected.pvalue)
+def test_permutation_p_values_of_independent_committees_are_calibrated():
+    rng = np.random.default_rng(0)
+    ps = np.array([permutation_p_value(rng.random(7), rng.random(7), "spearman") for _ in range(300)])
+    assert 0.02 <= np.mean(ps < 0.05) <= 0.09  # 5 % under independence
+    assert 0.4 <= np.median(ps) <= 0.6
 
 
-def test_bootstrap_is_seeded():
-    x, y = gappy_per_image_statistics(6, n_images=15, seed=5)
-    first = correlation_table(x, y, "x", "y", n_boot=50, seed=1)
-    assert correlation_table(x, y, "x", "y", n_boot=50, seed=1) == first
-    other = correlation_table(x, y, "x", "y", n_boot=50, seed=2)
-    assert [r["ci_low"] for r in other] != [r["ci_low"] for r in first]
-    no_boot = correlation_table(x, y, "x", "y", n_boot=0)
-    assert all(math.isnan(r["ci_low"]) and math.isnan(r["ci_high"]) for r in no_boot)
-    assert [r["coefficient"] for r in no_boot] == [r["coefficient"] for r in first]
+def test_member_bootstrap_resamples_members_and_skips_degenerate_draws():
+    x = np.arange(4.0)
+    reps = member_bootstrap(x, 2 * x, "pearson", n_boot=200, seed=0)
+    defined = reps[np.isfinite(reps)]
+    assert len(defined) < 200  # some draws repeat one member only: undefined
+    np.testing.assert_allclose(defined, 1.0)  # any resample of a perfectly linear committee
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, 4, size=(200, 4))
+    np.testing.assert_allclose(reps, correlations(x[draws], 2 * x[draws], "pearson"), equal_nan=True)
 
 
-def test_bootstrap_resamples_the_same_images_for_every_model():
-    # Model k scores k + u_i on image i and has accuracy term 2k + v_i: under any common
-    # resample of images the means are k + mean(u) and 2k + mean(v), exactly linear in k,
-    # so every replicate (and the point estimate) is 1. Resampling models independently
-    # would scramble the order (u spans 0..100, the models are 1 apart).
-    rng = np.random.default_rng(6)
-    n_models, n_images = 8, 40
-    u, v = rng.uniform(0, 100, n_images), rng.uniform(0, 100, n_images)
-    k = np.arange(n_models)[:, None]
-    rows = correlation_table(k + u, 2 * k + v, "x", "y", n_boot=200)
-    for row in rows:
-        assert row["coefficient"] == pytest.approx(1.0)
-        assert row["ci_low"] == pytest.approx(1.0) and row["ci_high"] == pytest.approx(1.0)
+def committee(n_members, n_blocks, rng, slope):
+    """Per-member means and block sums of a simulated committee: score of member k on an image is
+    slope * k / n + noise, correctness Bernoulli(0.3 + 0.5 k / n)."""
+    quality = np.arange(n_members) / n_members
+    score = slope * quality + rng.normal(scale=0.3, size=(n_blocks, n_members))
+    correct = (rng.random((n_blocks, n_members)) < 0.3 + 0.5 * quality).astype(float)
+    return score, correct
 
 
-def test_bootstrap_interval_brackets_a_clear_monotone_trend():
+def test_rows_carry_both_intervals_and_a_monotone_committee_excludes_zero():
     rng = np.random.default_rng(8)
-    n_models, n_images = 10, 200
-    quality = np.arange(n_models)[:, None] / n_models
-    x = quality + rng.normal(scale=0.5, size=(n_models, n_images))
-    y = (rng.random((n_models, n_images)) < 0.4 + 0.5 * quality).astype(float)
-    for row in correlation_table(x, y, "x", "y", n_boot=300, seed=0):
-        assert row["n"] == n_models
-        assert 0 < row["ci_low"] <= row["coefficient"] <= row["ci_high"] <= 1
+    score, correct = committee(10, 400, rng, slope=1.0)
+    ones = np.ones_like(score)
+    reps = block_bootstrap_means(np.hstack([score, correct]), np.hstack([ones, ones]), 300, 0)
+    rows = correlation_rows(score.mean(0), correct.mean(0), reps[:, :10], reps[:, 10:], "x", "y", n_boot=300,
+                            n_perm=2000)
+    assert [(r["method"], r["ci_over"]) for r in rows] == [(m, o) for m in consensus.CORRELATIONS
+                                                           for o in ("images", "members")]
+    for row in rows:
+        assert row["n"] == 10 and row["ci_low"] <= row["coefficient"] <= row["ci_high"]
+        assert 0 < row["ci_low"] and row["p_permutation"] < 0.01
+        assert row["p_value"] == pytest.approx(correlation(score.mean(0), correct.mean(0), row["method"])[1])
+
+
+def test_image_interval_has_its_coverage_on_a_simulated_committee():
+    """Coverage on a simulated committee with a known answer. Fixed members (population mean score mu_k,
+    accuracy a_k) are scored on a fresh sample of 600 images per trial, in 60 blocks of 10. The interval
+    over images carries the image-sampling variability of the coefficient, so its target is the
+    coefficient's expected value over image samples (computed here by simulation, on Fisher's z scale);
+    the 90% interval must cover it about 90% of the time, and the bootstrap's standard error must match
+    the spread of the coefficient over the simulated samples."""
+    rng = np.random.default_rng(1)
+    k, n, blocks = 8, 600, 60
+    mu = np.linspace(0.2, 0.8, k)
+    acc = 0.45 + 0.25 * mu + rng.normal(scale=0.05, size=k)
+
+    def sample():
+        score = mu + rng.normal(scale=0.5, size=(n, k))
+        correct = (rng.random((n, k)) < acc).astype(float)
+        return score, correct
+
+    z = [np.arctanh(stats.pearsonr(s.mean(0), c.mean(0)).statistic) for s, c in (sample() for _ in range(2000))]
+    truth, spread = np.tanh(np.mean(z)), np.std(z)
+    covered, ses = 0, []
+    trials = 200
+    for t in range(trials):
+        score, correct = sample()
+        sums = np.hstack([score.reshape(blocks, -1, k).sum(1), correct.reshape(blocks, -1, k).sum(1)])
+        reps = block_bootstrap_means(sums, np.full(sums.shape, n / blocks), 300, seed=t)
+        r = correlations(reps[:, :k], reps[:, k:], "pearson")
+        low, high = fisher_interval(stats.pearsonr(score.mean(0), correct.mean(0)).statistic, r, ci=0.9)
+        covered += low <= truth <= high
+        ses.append(np.std(np.arctanh(r), ddof=1))
+    assert 0.84 <= covered / trials <= 0.96, covered / trials
+    assert np.median(ses) == pytest.approx(spread, rel=0.2)
 
 
 # --- sub-committees ---------------------------------------------------------------------
@@ -511,8 +544,7 @@ def test_subcommittees_are_seeded_distinct_sorted_members():
         (lambda: similarity(RAW, RAW, "ssim"), consensus.SIMILARITIES),
         (lambda: alignment(SCORES, MASK, "iou"), consensus.ALIGNMENTS),
         (lambda: correlation([1, 2, 3], [1, 2, 3], "distance"), consensus.CORRELATIONS),
-        (lambda: correlation_table(np.ones((3, 2)), np.ones((3, 2)), "x", "y",
-                                   methods=("pearson", "distance")), consensus.CORRELATIONS),
+        (lambda: correlations(np.ones((3, 2)), np.ones((3, 2)), "distance"), consensus.CORRELATIONS),
     ],
 )
 def test_unknown_names_list_the_valid_choices(call, choices):

@@ -88,6 +88,7 @@ CASES = [
     ("a method option (voted)", _set("method.voted", "all_correct"), every("reduce")),
     ("robustness sub-committees", _set("method.robustness_trials", 3), every("reduce")),
     ("method.bootstrap (a table option)", _set("method.bootstrap", 7), set()),
+    ("method.permutations (a table option)", _set("method.permutations", 99), set()),
     ("run.map_size", _set("run.map_size", 8), every("inputs") | every("attr") | every("reduce")),
     ("run.image_size", _set("run.image_size", 40), every("inputs") | every("attr") | every("reduce")),
     ("dataset.mask_foreground", _set("dataset.mask_foreground", "nonzero_not_255"),

@@ -63,11 +63,12 @@ def inputs():
     members = models.iloc[:len(MODEL_IDS)]
     correlations = pd.DataFrame([
         {"x": "consensus_score", "y": "accuracy", "method": name,
-         "coefficient": r.statistic, "p_value": r.pvalue, "ci_low": r.statistic - 0.3,
-         "ci_high": min(1.0, r.statistic + 0.1), "n": len(members)}
+         "coefficient": r.statistic, "p_value": r.pvalue, "p_permutation": r.pvalue * 1.1, "ci_over": over,
+         "ci_low": r.statistic - width, "ci_high": min(1.0, r.statistic + width / 3), "n": len(members)}
         for name, r in [("spearman", stats.spearmanr(members.consensus_score, members.accuracy)),
                         ("pearson", stats.pearsonr(members.consensus_score, members.accuracy)),
-                        ("kendall", stats.kendalltau(members.consensus_score, members.accuracy))]])
+                        ("kendall", stats.kendalltau(members.consensus_score, members.accuracy))]
+        for over, width in (("images", 0.1), ("members", 0.3))])
     robustness = pd.DataFrame([
         {"k": k, "trial": t, "method": "spearman",
          "coefficient": stats.spearmanr(members.consensus_score.iloc[list(c)],
@@ -75,7 +76,9 @@ def inputs():
         for k in (3, 4, 5) for t, c in enumerate(combinations(range(len(MODEL_IDS)), k))])
     run_info = {"explainer": {"name": "smoothgrad", "params": {"n_samples": 50}},
                 "counts": {"errors": 2}, "created": "2025-01-01T00:00:00Z", "secret_key": "xyz"}
-    return models, correlations, robustness, gallery, run_info
+    disputed = [GalleryItem(g.image_id, g.image, g.mask, g.consensus, g.model_maps, g.label, g.scores,
+                            note=f"mean consensus score 0.{i}, 2/6 members correct") for i, g in enumerate(gallery[:2])]
+    return models, correlations, robustness, gallery, run_info, disputed
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +94,15 @@ def test_report_is_self_contained_and_has_every_figure(report):
     assert not re.search(r"https?://", report)
     assert 'src="/' not in report and "url(" not in report
     sources = _img_sources(report)
-    # 3 charts + per item: image, mask, consensus, 6 model maps
-    assert len(sources) == 3 + N_ITEMS * (3 + len(MODEL_IDS))
+    # 3 charts + per gallery and disputed item: image, mask, consensus, 6 model maps
+    assert len(sources) == 3 + (N_ITEMS + 2) * (3 + len(MODEL_IDS))
     for src in sources:
         assert src.startswith("data:image/png;base64,")
         assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
-    for figure_id in ("scatter", "alignment", "robustness", "gallery"):
+    for figure_id in ("scatter", "alignment", "robustness", "gallery", "disputed"):
         assert len(re.findall(rf'<figure id="{figure_id}">.*?<figcaption>', report, re.S)) == 1
-    assert report.count('<div class="gallery-item">') == N_ITEMS
+    assert report.count('<div class="gallery-item">') == N_ITEMS + 2
+    assert "mean consensus score 0.1, 2/6 members correct" in report
 
 
 def test_strings_from_the_data_are_escaped(report):
@@ -121,9 +125,13 @@ def test_scatter_caption_and_tables_carry_the_numbers(inputs, report):
     models, correlations = inputs[0], inputs[1]
     caption = re.search(r'<figure id="scatter">.*?<figcaption>(.*?)</figcaption>', report,
                         re.S).group(1)
-    for row, name in zip(correlations.itertuples(), ("Spearman ρ", "Pearson r", "Kendall τ")):
-        assert (f"{name} = {row.coefficient:.3f} (p = {row.p_value:.2g}, "
-                f"CI [{row.ci_low:.3f}, {row.ci_high:.3f}], n = 6)") in caption
+    for (method, rows), name in zip(correlations.groupby("method", sort=False), ("Spearman ρ", "Pearson r",
+                                                                                 "Kendall τ")):
+        images, members = rows.iloc[0], rows.iloc[1]
+        assert (f"{name} = {images.coefficient:.3f} (p = {images.p_value:.2g}, permutation p = "
+                f"{images.p_permutation:.2g}; CI over images [{images.ci_low:.3f}, {images.ci_high:.3f}], over "
+                f"members [{members.ci_low:.3f}, {members.ci_high:.3f}]; n = 6)") in caption
+    assert "over members they resample the committee" in caption
     models_table = re.search(r'<table id="models-table">.*?</table>', report, re.S).group(0)
     rows = re.findall(r"<tr( class=\"reference\")?><td class=\"text\">(.*?)</td>", models_table)
     # members by falling consensus score, then the consensus as the highlighted reference row
@@ -136,7 +144,7 @@ def test_scatter_caption_and_tables_carry_the_numbers(inputs, report):
 
 
 def test_missing_masks_and_robustness_leave_notes_instead_of_figures(inputs):
-    models, correlations, _, gallery, run_info = inputs
+    models, correlations, _, gallery, run_info, _ = inputs
     no_masks = models[models.model_id != "consensus"].drop(columns=["ap", "roc_auc",
                                                                     "pointing_game"])
     unmasked = [GalleryItem(g.image_id, g.image, None, g.consensus, g.model_maps, g.label,
@@ -189,12 +197,12 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     dom = _DomFacts()
     dom.feed(done.stdout)
-    total = 3 + N_ITEMS * (3 + len(MODEL_IDS))
+    total = 3 + (N_ITEMS + 2) * (3 + len(MODEL_IDS))
     assert dom.body.get("data-images-total") == str(total), done.stdout[:500]
     assert dom.body.get("data-images-ok") == str(total)
     assert dom.body.get("data-errors") == ""
-    assert dom.figures == ["scatter", "alignment", "robustness", "gallery"]
-    assert dom.items == N_ITEMS
+    assert dom.figures == ["scatter", "alignment", "robustness", "gallery", "disputed"]
+    assert dom.items == N_ITEMS + 2
     png = screenshot.read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert struct.unpack(">II", png[16:24]) == (1400, 3000)
