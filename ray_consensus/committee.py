@@ -8,10 +8,8 @@ voted element-wise.
 
 from __future__ import annotations
 
-import difflib
 import io
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -19,26 +17,9 @@ from torch import Tensor, nn
 
 from ray_consensus.config import MemberSpec, StorageSpec
 from ray_consensus.errors import SpecError
+from ray_consensus.model_names import check_arch
 from ray_consensus.storage import read_uri_bytes
 from ray_consensus.units import fingerprint
-
-
-@lru_cache(maxsize=1)
-def _all_archs() -> tuple[str, ...]:
-    import timm
-
-    return tuple(timm.list_models())
-
-
-def check_arch(arch: str) -> None:
-    """Raise SpecError for a name timm does not know, with the closest names."""
-    import timm
-
-    if timm.is_model(arch.split(".")[0]):
-        return
-    close = difflib.get_close_matches(arch.split(".")[0], _all_archs(), n=3, cutoff=0.6)
-    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-    raise SpecError(f"unknown timm architecture '{arch}'{hint}")
 
 
 def load_state_dict_bytes(data: bytes, source: str) -> dict[str, Tensor]:

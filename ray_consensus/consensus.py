@@ -14,7 +14,6 @@ The protocol, line by line:
    accuracy: coefficients, scipy's and permutation p-values, and two intervals, one resampling
    images (``block_bootstrap_means``) and one resampling members (``member_bootstrap``), both on
    Fisher's z scale (``fisher_interval``).
-6. ``subcommittees`` draws the random smaller committees of the robustness analysis.
 
 Maps are float arrays whose last axis is the pixel axis (an H x W map flattened row-major,
 so P = H * W); all leading axes are batch axes (images, models, ...). Only numpy and
@@ -417,7 +416,7 @@ def block_bootstrap_means(sums: np.ndarray, counts: np.ndarray, n_boot: int, see
     if not n_blocks:
         return out
     rng = np.random.default_rng(seed)
-    chunk = max(1, _BLOCK_ELEMENTS // n_blocks)
+    chunk = max(1, (_BLOCK_ELEMENTS // 4) // n_blocks)  # replicates at once: temporaries of ~8 MiB
     for start in range(0, n_boot, chunk):
         size = min(chunk, n_boot - start)
         drawn = np.stack([rng.integers(0, n_blocks, size=n_blocks) for _ in range(size)])
@@ -516,33 +515,3 @@ def correlation_rows(x: np.ndarray, y: np.ndarray, x_reps: np.ndarray, y_reps: n
                          "p_permutation": p_perm, "ci_over": ci_over, "ci_low": low, "ci_high": high,
                          "n": int(keep.sum())})
     return rows
-
-
-# --- 6. robustness: random sub-committees -----------------------------------------------
-
-
-def subcommittees(
-    n_models: int, sizes: list[int], trials: int, seed: int = 0
-) -> list[tuple[int, int, np.ndarray]]:
-    """Random sub-committees for re-running the consensus with fewer members.
-
-    Args:
-        n_models: size K of the full committee (members are indices 0..K-1).
-        sizes: sub-committee sizes k; those outside 2 <= k <= K are skipped.
-        trials: draws per size.
-        seed: base seed. Each size gets its own generator seeded with (seed, k), so the
-            draws for one size do not change when other sizes are added or removed.
-
-    Returns:
-        (k, trial, members) for each kept size in order and each trial 0..trials-1;
-        ``members`` is a sorted int64 array of k distinct member indices.
-    """
-    committees = []
-    for k in sizes:
-        if not 2 <= k <= n_models:
-            continue
-        rng = np.random.default_rng((seed, k))
-        for trial in range(trials):
-            members = np.sort(rng.choice(n_models, size=k, replace=False)).astype(np.int64)
-            committees.append((k, trial, members))
-    return committees

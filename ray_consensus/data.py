@@ -19,7 +19,7 @@ from PIL import Image
 
 from ray_consensus.config import DatasetSpec, StorageSpec
 from ray_consensus.errors import SpecError
-from ray_consensus.storage import is_s3, list_uri, read_uri_bytes
+from ray_consensus.storage import list_uri, read_uri_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MANIFEST_COLUMNS = ["image_id", "uri", "label", "mask_uri"]
@@ -74,7 +74,7 @@ def read_manifest(spec: DatasetSpec, storage: StorageSpec | None = None) -> Mani
         errors.append({"image_id": row.image_id, "uri": row.uri, "stage": "manifest",
                        "reason": f"label {row.label} outside the class range 0..{num_classes - 1}"})
     table = table[~bad_label]
-    table = table.sort_values(["image_id", "uri"], kind="stable")
+    table = sort_rows(table, ["image_id", "uri"])
     dup = table["image_id"].duplicated(keep="first")
     for row in table[dup].itertuples():
         errors.append({"image_id": row.image_id, "uri": row.uri, "stage": "manifest",
@@ -109,18 +109,12 @@ def _read_table_manifest(path: str, storage) -> pd.DataFrame:
         raise SpecError(f"manifest {path} lacks column(s) {', '.join(sorted(missing))} (needs uri, label; "
                         f"optional image_id, mask_uri)")
     base = path.rsplit("/", 1)[0]
-
-    def resolve(u):
-        if not isinstance(u, str) or not u:
-            return None
-        return u if (is_s3(u) or u.startswith("/")) else f"{base}/{u}"
-
     frame = frame.copy()
-    frame["uri"] = frame["uri"].map(resolve)
+    frame["uri"] = _resolve(frame["uri"], base)
     if "image_id" not in frame.columns:
         frame["image_id"] = [_stem(_rel(u, base)) for u in frame["uri"]]
     frame["image_id"] = frame["image_id"].astype(str)
-    frame["mask_uri"] = frame["mask_uri"].map(resolve) if "mask_uri" in frame.columns else None
+    frame["mask_uri"] = _resolve(frame["mask_uri"], base) if "mask_uri" in frame.columns else None
     try:
         frame["label"] = frame["label"].astype("int64")
     except (TypeError, ValueError):
@@ -128,21 +122,53 @@ def _read_table_manifest(path: str, storage) -> pd.DataFrame:
     return frame[MANIFEST_COLUMNS]
 
 
+def _resolve(uris: pd.Series, base: str) -> pd.Series:
+    """Manifest URIs: absolute paths and s3:// URIs as they are, others relative to the manifest's
+    folder `base`; empty, missing or non-string ones None. With pyarrow's string kernels: a million
+    in a fraction of a second."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    values = uris.to_numpy(dtype=object)
+    strings = np.array([isinstance(v, str) for v in values], dtype=bool) if uris.dtype == object else None
+    arr = pa.array(np.where(strings, values, None) if strings is not None else values, type=pa.string(),
+                   from_pandas=True)
+    present = pc.and_(pc.is_valid(arr), pc.not_equal(arr, ""))
+    absolute = pc.or_(pc.starts_with(arr, "s3://"), pc.starts_with(arr, "/"))
+    out = pc.if_else(absolute, arr, pc.binary_join_element_wise(base, arr, "/"))
+    out = pc.if_else(present, out, pa.scalar(None, pa.string()))
+    return pd.Series(out.to_numpy(zero_copy_only=False), index=uris.index, dtype=object)
+
+
+def sort_rows(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """`frame` sorted by `keys` (ascending, stable), with pyarrow's sort: a million string keys in about
+    a second, where pandas' multi-key sort takes several."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    keys_table = pa.Table.from_pandas(frame[keys], preserve_index=False)
+    order = pc.sort_indices(keys_table, sort_keys=[(k, "ascending") for k in keys]).to_numpy()
+    return frame.iloc[order].reset_index(drop=True)
+
+
 def assign_shards(manifest: pd.DataFrame, previous: pd.DataFrame | None, shard_size: int) -> pd.DataFrame:
-    """Add a `shard` column. Images in `previous` keep their shard; new ones fill new shards.
+    """Add a `shard` column; the result is sorted by (shard, image_id). Images in `previous` (image_id,
+    shard) keep their shard; new ones fill new shards after the last.
 
     Images gone from the data set drop out of their shard (which is then recomputed).
+    `manifest` must be sorted by image_id (as `read_manifest` returns it).
     """
     if previous is None or previous.empty:
         shards = np.arange(len(manifest)) // shard_size
-        return manifest.assign(shard=shards.astype("int64"))
+        return manifest.assign(shard=shards.astype("int64")).reset_index(drop=True)
     known = previous.set_index("image_id")["shard"]
-    kept = manifest[manifest["image_id"].isin(known.index)]
-    kept = kept.assign(shard=known.loc[kept["image_id"]].to_numpy())
-    new = manifest[~manifest["image_id"].isin(known.index)]
+    shard = known.reindex(manifest["image_id"]).to_numpy(dtype=np.float64)
+    seen = ~np.isnan(shard)
+    kept = manifest[seen].assign(shard=shard[seen].astype("int64"))
     first = int(previous["shard"].max()) + 1
+    new = manifest[~seen]
     new = new.assign(shard=(first + np.arange(len(new)) // shard_size).astype("int64"))
-    return pd.concat([kept, new]).sort_values(["shard", "image_id"]).reset_index(drop=True)
+    return sort_rows(pd.concat([kept, new]), ["shard", "image_id"])
 
 
 # ---------------------------------------------------------------- decoding

@@ -41,6 +41,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from scipy.ndimage import gaussian_filter
 
+from ray_consensus.model_names import default_cache_dir
+
 # Bump when anything that changes the bytes of the data set or the trained weights changes
 # without showing up in the parameters below (cut-out boxes, jitter ranges, optimiser, ...).
 RECIPE_VERSION = 1
@@ -551,11 +553,6 @@ def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
 
 
 # --------------------------------------------------------------------------- entry point
-
-
-def default_cache_dir() -> Path:
-    """``$RAY_CONSENSUS_CACHE`` if set, else ``~/.cache/ray-consensus``."""
-    return Path(os.environ.get("RAY_CONSENSUS_CACHE") or Path.home() / ".cache" / "ray-consensus")
 
 
 def ensure_demo(

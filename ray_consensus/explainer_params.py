@@ -38,6 +38,7 @@ class ExplainerParams:
     name: ClassVar[str]
     summary: ClassVar[str]
     needs_segments: ClassVar[bool] = False  # the decode stage computes superpixels for it
+    checks_models: ClassVar[bool] = False   # the explainer can refuse a member (preflight builds every member)
 
     def passes_per_image(self) -> tuple[int, int]:
         """(forward, backward) passes per image and model, for the plan's cost estimate."""
@@ -121,6 +122,7 @@ class LimeParams(ExplainerParams):
 class GradCamParams(ExplainerParams):
     name = "gradcam"
     summary = "Grad-CAM (captum LayerGradCam, ReLU) on the member's last convolutional feature map"
+    checks_models = True  # members without a convolutional feature map (transformers) are refused
     output: str = spec_field("logit", "score explained (the Grad-CAM paper uses the logit)", OUTPUTS)
     layer: str | None = spec_field(None, "module name overriding the automatic layer choice, e.g. layer4",
                                    rule="a module name (e.g. 'layer4') or null")

@@ -9,25 +9,27 @@ from __future__ import annotations
 from ray_consensus.config import RunSpec
 from ray_consensus.data import Manifest, read_manifest
 from ray_consensus.errors import SpecError
+from ray_consensus.model_names import check_arch
 from ray_consensus.storage import Store, open_store
 
 
 def preflight(spec: RunSpec, check_weights: bool = True) -> tuple[Store, Manifest]:
     """The run root (checked writable) and the data set's manifest. With `check_weights`, every
     checkpoint is loaded and checked against its architecture and the explainer (hub weights are
-    left to the slots: downloading them on the driver would double the traffic)."""
-    from ray_consensus.committee import check_arch, create_member_model
-    from ray_consensus.explainers import EXPLAINERS, create_explainer
-
+    left to the slots: downloading them on the driver would double the traffic). Names are checked
+    without importing timm (`model_names`); torch is imported only to load checkpoints."""
     for member in spec.committee:
         check_arch(member.arch)
     store = open_store(spec.run.output, spec.storage)
     store.check_writable()
     manifest = read_manifest(spec.dataset, spec.storage)
-    checks_models = EXPLAINERS[spec.explainer.name].checks_models
     # Random weights have nothing to check unless the explainer checks the model itself.
+    checks_models = spec.explainer.params.checks_models
     checked = [m for m in spec.committee if m.weights != "pretrained" and (m.weights != "random" or checks_models)]
     if check_weights and checked:
+        from ray_consensus.committee import create_member_model
+        from ray_consensus.explainers import create_explainer
+
         explainer = create_explainer(spec.explainer.params)
         for member in checked:
             model = create_member_model(member, manifest.num_classes, spec.storage)

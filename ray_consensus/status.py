@@ -18,7 +18,7 @@ def run_status(run_root: str | Store, storage=None) -> dict:
         raise SpecError(f"no run at {store.root} (run.json not found)") from None
     manifest = read_stored_manifest(store, columns=["shard"])
     shards = sorted({int(s) for s in manifest["shard"]}) if manifest is not None else []
-    done = completed(store, "")
+    done = completed(store)
     by_model = units_by_model(done)
     reduced = {s for s in shards if shard_dir("consensus", s) in done}
     per_model = {m.id: {"done": [s for s in shards if s in by_model.get(m.id, {})],

@@ -159,6 +159,24 @@ class Store:
         """Relative paths of all files under `prefix` (recursively), sorted."""
         raise NotImplementedError
 
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Relative paths of the folders directly under `prefix`, sorted."""
+        raise NotImplementedError
+
+    listing_threads = 1  # parallel listings `files_under` runs: one where listing is CPU-bound (local)
+
+    def files(self, prefix: str) -> list[str]:
+        """`list` unsorted."""
+        raise NotImplementedError
+
+    def files_under(self, prefixes: list[str]) -> list[str]:
+        """The files under several prefixes, unsorted (on S3 listed in parallel: it pages one listing
+        1,000 keys at a time, so the many folders of a big run root list in seconds)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max(1, min(self.listing_threads, len(prefixes)))) as pool:
+            return [rel for listed in pool.map(self.files, prefixes) for rel in listed]
+
     def delete(self, rel: str) -> None:
         raise NotImplementedError
 
@@ -218,12 +236,33 @@ class LocalStore(Store):
         return self._path(rel).exists()
 
     def list(self, prefix=""):
+        return sorted(self.files(prefix))
+
+    def files(self, prefix=""):
         base = self._path(prefix)
-        if not base.exists():
+        if not base.is_dir():
             return []
-        root = Path(self.root)
-        return sorted(p.relative_to(root).as_posix() for p in base.rglob("*")
-                      if p.is_file() and not p.name.startswith(".tmp-"))
+        out: list[str] = []
+
+        def walk(path: str, rel: str) -> None:  # os.scandir: ~5x Path.rglob on a run root of 300k units
+            with os.scandir(path) as entries:
+                for e in entries:
+                    name = f"{rel}/{e.name}" if rel else e.name
+                    if e.is_dir(follow_symlinks=False):
+                        walk(e.path, name)
+                    elif not e.name.startswith(".tmp-"):
+                        out.append(name)
+
+        walk(str(base), safe_rel(prefix))
+        return out
+
+    def list_dirs(self, prefix):
+        base = self._path(prefix)
+        if not base.is_dir():
+            return []
+        start = safe_rel(prefix)
+        with os.scandir(base) as entries:
+            return sorted(f"{start}/{e.name}" if start else e.name for e in entries if e.is_dir())
 
     def delete(self, rel):
         path = self._path(rel)
@@ -241,6 +280,8 @@ class LocalStore(Store):
 
 
 class S3Store(Store):
+    listing_threads = 16
+
     def __init__(self, root: str, spec: StorageSpec | None = None):
         self.root = root.rstrip("/")
         self.bucket, self.prefix = split_s3(self.root)
@@ -295,12 +336,25 @@ class S3Store(Store):
             raise
 
     def list(self, prefix=""):
+        return sorted(self.files(prefix))
+
+    def files(self, prefix=""):
         key = self._key(prefix)
         key = key + "/" if key and prefix else key
         strip = len(self.prefix) + 1 if self.prefix else 0
         out = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=key):
             out.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+        return out
+
+    def list_dirs(self, prefix):
+        key = self._key(prefix)
+        key = key + "/" if key else key
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        out = []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=key,
+                                                                          Delimiter="/"):
+            out.extend(p["Prefix"][strip:].rstrip("/") for p in page.get("CommonPrefixes", []))
         return sorted(out)
 
     def delete(self, rel):

@@ -1,14 +1,16 @@
 """Run-level tables from the per-shard aggregates: models, correlations, robustness.
 
-    write_tables: aggregates/ and subcommittees/ of every shard (contract) ─► the tables below
-                  ─► tables/*.parquet, .csv
+    write_tables: aggregates/ and subcommittees/ of every shard, read one shard at a time
+                  (`read_run_aggregates`, `subcommittee_totals`) ─► the tables below ─► tables/*.parquet, .csv
 
-Every input is a per-shard aggregate (sums and counts per member and block of images), so the
-work and memory here grow with shards and members, never with images, and a rerun re-reads only
-small files. The statistics are `consensus.py`'s; the functions take and return DataFrames.
+Every input is a per-shard aggregate (sums and counts per member and block of images), summed as
+it is read, so the work and memory here grow with shards and members, never with images, and a
+rerun re-reads only small files. The statistics are `consensus.py`'s.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -16,30 +18,88 @@ import pyarrow as pa
 
 from ray_consensus import consensus as cm
 from ray_consensus.config import RunSpec
-from ray_consensus.contract import CONSENSUS_ID, read_per_shard
+from ray_consensus.contract import CONSENSUS_ID, file_of
 from ray_consensus.storage import Store
 
 CORRELATION_COLUMNS = ["x", "y", "method", "coefficient", "p_value", "p_permutation", "ci_over", "ci_low", "ci_high",
                        "n"]
+# (sum, count) columns of the aggregates behind each per-member statistic
+STATS = {"score": ("score_sum", "score_n"), "accuracy": ("n_correct", "n_images"),
+         **{m: (f"{m}_sum", f"{m}_n") for m in cm.ALIGNMENTS}}
+
+
+@dataclass
+class RunAggregates:
+    """The run's aggregates: totals per member (rows: committee order, then the vote's own), and per
+    statistic the (n_blocks, K) sums and counts of every (shard, block) for the image bootstrap."""
+
+    totals: pd.DataFrame                                 # index model_id (members, then consensus)
+    blocks: dict[str, tuple[np.ndarray, np.ndarray]]     # statistic -> (sums, counts), members only
+    metrics: list[str]                                   # the alignment metrics present (none without masks)
+
+
+def read_run_aggregates(store: Store, shards: list[int], model_ids: list[str]) -> RunAggregates:
+    """Sum the shards' aggregates as they are read: memory O(shards x blocks x members) for the blocks,
+    O(one shard) for the rest."""
+    order = model_ids + [CONSENSUS_ID]
+    index = {m: i for i, m in enumerate(order)}
+    k = len(model_ids)
+    totals = parts = None
+    metrics: list[str] = []
+    for s in shards:
+        t = store.read_parquet(file_of("aggregates", s))
+        if totals is None:
+            metrics = [m for m in cm.ALIGNMENTS if f"{m}_sum" in t.column_names]
+            value_columns = [c for c in t.column_names if c not in ("model_id", "block")]
+            totals = np.zeros((len(order), len(value_columns)))
+            parts = {stat: ([], []) for stat in ["score", "accuracy"] + metrics}
+        codes = np.array([index[m] for m in t.column("model_id").to_pylist()], dtype=np.int64)
+        values = np.column_stack([t.column(c).to_numpy().astype(np.float64) for c in value_columns])
+        np.add.at(totals, codes, values)
+        member, block = codes < k, t.column("block").to_numpy()
+        n_blocks = int(block.max()) + 1 if len(block) else 0
+        for stat, (sums, counts) in parts.items():
+            for column, out in zip(STATS[stat], (sums, counts)):
+                matrix = np.zeros((n_blocks, k))
+                matrix[block[member], codes[member]] = t.column(column).to_numpy()[member]
+                out.append(matrix)
+    if totals is None:
+        value_columns = ["n_images", "n_correct", "n_voted", "score_sum", "score_n"]
+        totals, parts = np.zeros((len(order), len(value_columns))), {}
+    blocks = {stat: (np.concatenate(sums), np.concatenate(counts)) for stat, (sums, counts) in parts.items()}
+    return RunAggregates(pd.DataFrame(totals, index=order, columns=value_columns), blocks, metrics)
+
+
+def subcommittee_totals(store: Store, shards: list[int]) -> pd.DataFrame:
+    """k, trial, model_id, score_sum, n_voted summed over the shards, one shard read at a time. Every
+    shard lists the same sub-committees in the same order (the plan's); a shard that does not is
+    aligned by key."""
+    keys, sums = None, None
+    for s in shards:
+        t = store.read_parquet(file_of("subcommittees", s)).to_pandas()
+        if keys is None:
+            keys, sums = t[["k", "trial", "model_id"]], t[["score_sum", "n_voted"]].to_numpy(np.float64)
+        elif t[["k", "trial", "model_id"]].equals(keys):
+            sums += t[["score_sum", "n_voted"]].to_numpy(np.float64)
+        else:
+            aligned = t.set_index(["k", "trial", "model_id"])[["score_sum", "n_voted"]]
+            sums += aligned.reindex(pd.MultiIndex.from_frame(keys), fill_value=0).to_numpy(np.float64)
+    if keys is None:
+        return pd.DataFrame(columns=["k", "trial", "model_id", "score_sum", "n_voted"])
+    return keys.assign(score_sum=sums[:, 0], n_voted=sums[:, 1])
 
 
 def write_tables(spec: RunSpec, store: Store, shards: list[int]) -> dict:
     """Compute and write tables/{models,correlations,robustness}.{parquet,csv}; returns the voted count."""
-    aggregates = read_per_shard(store, "aggregates", shards)
-    models = models_table(spec, aggregates)
-    frames = {"models": models, "correlations": correlations_table(spec, aggregates, models),
-              "robustness": robustness_table(spec, read_per_shard(store, "subcommittees", shards), models)}
+    agg = read_run_aggregates(store, shards, [m.id for m in spec.committee])
+    models = models_table(spec, agg)
+    frames = {"models": models, "correlations": correlations_table(spec, agg, models),
+              "robustness": robustness_table(spec, subcommittee_totals(store, shards), models)}
     for name, frame in frames.items():
         table = pa.Table.from_pandas(frame, preserve_index=False)
         store.write_parquet(f"tables/{name}.parquet", table)
         store.write_csv(f"tables/{name}.csv", table)
-    voted = aggregates.loc[aggregates["model_id"] == CONSENSUS_ID, "n_voted"].sum() if len(aggregates) else 0
-    return {"consensus_voted": int(voted)}
-
-
-def _metrics(aggregates: pd.DataFrame) -> list[str]:
-    """The alignment metrics the aggregates carry (none without masks)."""
-    return [m for m in cm.ALIGNMENTS if f"{m}_sum" in aggregates.columns]
+    return {"consensus_voted": int(agg.totals.loc[CONSENSUS_ID, "n_voted"])}
 
 
 def _ratio(sums, counts) -> np.ndarray:
@@ -47,42 +107,28 @@ def _ratio(sums, counts) -> np.ndarray:
     return np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
 
 
-def models_table(spec: RunSpec, aggregates: pd.DataFrame) -> pd.DataFrame:
+def models_table(spec: RunSpec, agg: RunAggregates) -> pd.DataFrame:
     """One row per member (and, with masks, a `consensus` row for the alignment of the vote itself):
     accuracy over all images, consensus score and alignment means over the voted images."""
-    metrics = _metrics(aggregates)
-    totals = aggregates.drop(columns=["block", "shard"], errors="ignore").groupby("model_id").sum()
     ids = [m.id for m in spec.committee]
-    members = totals.reindex(ids).fillna(0)
+    members = agg.totals.loc[ids]
     table = pd.DataFrame({
         "model_id": ids, "arch": [m.arch for m in spec.committee],
         "accuracy": _ratio(members["n_correct"], members["n_images"]),
         "n_images": members["n_images"].astype(np.int64).to_numpy(),
         "n_voted": members["n_voted"].astype(np.int64).to_numpy(),
         "consensus_score": _ratio(members["score_sum"], members["score_n"]),
-        **{m: _ratio(members[f"{m}_sum"], members[f"{m}_n"]) for m in metrics}})
-    if metrics:
-        c = totals.loc[CONSENSUS_ID] if CONSENSUS_ID in totals.index else pd.Series(0.0, index=totals.columns)
+        **{m: _ratio(members[f"{m}_sum"], members[f"{m}_n"]) for m in agg.metrics}})
+    if agg.metrics:
+        c = agg.totals.loc[CONSENSUS_ID]
         row = {"model_id": CONSENSUS_ID, "arch": f"vote of {len(ids)} models", "accuracy": np.nan,
                "n_images": int(c["n_images"]), "n_voted": int(c["n_voted"]), "consensus_score": np.nan,
-               **{m: float(_ratio(c[f"{m}_sum"], c[f"{m}_n"])) for m in metrics}}
+               **{m: float(_ratio(c[f"{m}_sum"], c[f"{m}_n"])) for m in agg.metrics}}
         table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
     return table
 
 
-def block_matrices(aggregates: pd.DataFrame, model_ids: list[str], stat: str) -> tuple[np.ndarray, np.ndarray]:
-    """(n_blocks, K) sums and counts of a statistic per (shard, block) and member: stat is score,
-    accuracy or an alignment metric."""
-    sum_col, count_col = {"score": ("score_sum", "score_n"), "accuracy": ("n_correct", "n_images")}.get(
-        stat, (f"{stat}_sum", f"{stat}_n"))
-    rows = aggregates[aggregates["model_id"] != CONSENSUS_ID]
-    wide = rows.pivot_table(index=["shard", "block"], columns="model_id", values=[sum_col, count_col],
-                            aggfunc="sum", fill_value=0)
-    return (wide[sum_col].reindex(columns=model_ids, fill_value=0).to_numpy(np.float64),
-            wide[count_col].reindex(columns=model_ids, fill_value=0).to_numpy(np.float64))
-
-
-def correlations_table(spec: RunSpec, aggregates: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
+def correlations_table(spec: RunSpec, agg: RunAggregates, models: pd.DataFrame) -> pd.DataFrame:
     """Across the committee: consensus score (and mask alignment) against accuracy, and consensus score
     against alignment; per method the coefficient, scipy's and a permutation p-value, and two intervals
     (`consensus.correlation_rows`): over images (blocks of images of every shard resampled,
@@ -90,23 +136,20 @@ def correlations_table(spec: RunSpec, aggregates: pd.DataFrame, models: pd.DataF
     ids = [m.id for m in spec.committee]
     method = spec.method
     means = models.set_index("model_id").reindex(ids)
-    stats = ["score", "accuracy"] + (["ap"] if "ap" in _metrics(aggregates) else [])
-    if len(aggregates):
-        blocks = [block_matrices(aggregates, ids, stat) for stat in stats]
-        reps = cm.block_bootstrap_means(np.hstack([b[0] for b in blocks]), np.hstack([b[1] for b in blocks]),
-                                        method.bootstrap, method.seed)
-    else:
-        reps = np.zeros((0, len(stats) * len(ids)))
+    stats = ["score", "accuracy"] + (["ap"] if "ap" in agg.metrics else [])
     k = len(ids)
+    if agg.blocks:
+        reps = cm.block_bootstrap_means(np.hstack([agg.blocks[s][0] for s in stats]),
+                                        np.hstack([agg.blocks[s][1] for s in stats]), method.bootstrap, method.seed)
+    else:
+        reps = np.zeros((0, len(stats) * k))
     rep = {stat: reps[:, i * k:(i + 1) * k] for i, stat in enumerate(stats)}
-    value = {"score": means["consensus_score"].to_numpy(float), "accuracy": means["accuracy"].to_numpy(float)}
-    if "ap" in stats:
-        value["ap"] = means["ap"].to_numpy(float)
-    names = {"score": "consensus_score", "accuracy": "accuracy", "ap": "ap"}
+    column = {"score": "consensus_score", "accuracy": "accuracy", "ap": "ap"}
+    value = {stat: means[column[stat]].to_numpy(float) for stat in stats}
     pairs = [("score", "accuracy")] + ([("ap", "accuracy"), ("score", "ap")] if "ap" in stats else [])
     rows = []
     for x, y in pairs:
-        rows += cm.correlation_rows(value[x], value[y], rep[x], rep[y], names[x], names[y], n_boot=method.bootstrap,
+        rows += cm.correlation_rows(value[x], value[y], rep[x], rep[y], column[x], column[y], n_boot=method.bootstrap,
                                     n_perm=method.permutations, seed=method.seed)
     return pd.DataFrame(rows, columns=CORRELATION_COLUMNS)
 
@@ -117,11 +160,10 @@ def robustness_table(spec: RunSpec, sums: pd.DataFrame, models: pd.DataFrame) ->
     if sums.empty:
         return pd.DataFrame(columns=columns)
     accuracy = models.set_index("model_id")["accuracy"]
-    totals = sums.groupby(["k", "trial", "model_id"], as_index=False)[["score_sum", "n_voted"]].sum()
     rows = []
-    for (k, trial), group in totals.groupby(["k", "trial"]):
+    for (k, trial), group in sums.groupby(["k", "trial"]):
         with np.errstate(invalid="ignore", divide="ignore"):
-            score = group["score_sum"].to_numpy() / group["n_voted"].to_numpy()
+            score = group["score_sum"].to_numpy(float) / group["n_voted"].to_numpy(float)
         acc = accuracy.loc[group["model_id"]].to_numpy()
         for method in ("spearman", "pearson"):
             coef, p = cm.correlation(score, acc, method)

@@ -44,10 +44,12 @@ def shard_dir(kind: str, shard: int) -> str:
     return f"{kind}/shard={shard:05d}"
 
 
-def completed(store: Store, top: str) -> dict[str, str]:
-    """{unit folder: fingerprint} for every complete unit under `top` (one listing)."""
+def completed(store: Store) -> dict[str, str]:
+    """{unit folder: fingerprint} of every complete unit in the run root: the folders holding markers
+    (inputs/, consensus/ for reduce units, attributions/ one member at a time) listed in parallel."""
+    prefixes = ["inputs", "consensus"] + store.list_dirs("attributions")
     done = {}
-    for rel in store.list(top):
+    for rel in store.files_under(prefixes):
         folder, _, name = rel.rpartition("/")
         if name.startswith(MARKER):
             done[folder] = name[len(MARKER):]

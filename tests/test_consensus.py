@@ -12,6 +12,7 @@ import pytest
 from scipy import stats
 
 from ray_consensus import consensus
+from ray_consensus.plan import subcommittees
 from ray_consensus.consensus import (
     alignment,
     block_bootstrap_means,
@@ -24,7 +25,6 @@ from ray_consensus.consensus import (
     normalise,
     permutation_p_value,
     similarity,
-    subcommittees,
     vote,
 )
 

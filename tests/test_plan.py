@@ -153,3 +153,19 @@ def test_fingerprints_are_the_plain_hash_of_the_recipe_parts(base):
         "attr", m.id, m.arch, m.weights, m.kwargs, spec.explainer.name, spec.explainer.params.as_dict(),
         spec.method.target, spec.method.seed, r.map_dtype, ifp)
     assert inputs_recipe(spec) and attribution_recipe(spec, m)  # the recipes the plan used
+
+
+def test_shard_contents_are_json_dumps_of_the_rows_whatever_the_strings_hold():
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from ray_consensus.plan import _shard_contents
+
+    frame = pd.DataFrame({"image_id": ["a", 'q"uo\\te', "ünï", 'x", "y', "e\\"],
+                          "uri": ["/u/a", "/u/b", None, "/u/é", '", "'],
+                          "label": [0, 1, 2, 3, 4], "mask_uri": [None, None, "", np.nan, "/m/x"]})
+    expected = [json.dumps(row) for row in
+                frame[["image_id", "uri", "label", "mask_uri"]].astype(str).to_numpy().tolist()]
+    assert _shard_contents(frame) == expected

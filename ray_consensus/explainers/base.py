@@ -43,7 +43,6 @@ def register(cls):
 
 class Explainer:
     params_type: ClassVar[type[ExplainerParams]]
-    checks_models: ClassVar[bool] = False  # check_model can refuse a member (preflight then builds every member)
     returns_logits: ClassVar[bool] = False  # explain() returns "logits" of the unperturbed input
 
     def __init__(self, params: ExplainerParams | None = None, /, **values):

@@ -98,7 +98,6 @@ class GradCam(Explainer):
     """
 
     params_type = GradCamParams
-    checks_models = True
 
     def __init__(self, params: GradCamParams | None = None, /, **values):
         super().__init__(params, **values)

@@ -1,0 +1,62 @@
+"""Which timm architectures exist, checked without importing timm on `validate`'s path.
+
+Importing timm takes seconds (it imports torch, torchvision and every model module); a spec of
+80 pretrained members needs only their names. timm's registry of names is listed once per
+installed timm version into the cache (`$RAY_CONSENSUS_CACHE`, default ~/.cache/ray-consensus)
+and read from there afterwards; a name not in the list is looked up in timm itself before it
+is refused, so a stale or hand-edited list can only cost time, never refuse a real name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+from functools import lru_cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from ray_consensus.errors import SpecError
+
+
+def default_cache_dir() -> Path:
+    """``$RAY_CONSENSUS_CACHE`` if set, else ``~/.cache/ray-consensus``."""
+    return Path(os.environ.get("RAY_CONSENSUS_CACHE") or Path.home() / ".cache" / "ray-consensus")
+
+
+@lru_cache(maxsize=1)
+def known_archs() -> frozenset[str]:
+    """timm's architecture names (without pretrained tags)."""
+    try:
+        path = default_cache_dir() / f"timm-{version('timm')}-models.txt"
+    except PackageNotFoundError:
+        path = None
+    if path is not None and path.is_file():
+        return frozenset(path.read_text().split())
+    import timm
+
+    names = frozenset(timm.list_models())
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "w") as f:
+                f.write("\n".join(sorted(names)) + "\n")
+            os.replace(tmp, path)
+        except OSError:  # a read-only home: list timm's names again next time
+            pass
+    return names
+
+
+def check_arch(arch: str) -> None:
+    """Raise SpecError for a name timm does not know, with the closest names."""
+    name = arch.split(".")[0]
+    if name in known_archs():
+        return
+    import timm
+
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, sorted(known_archs() | set(timm.list_models())), n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    raise SpecError(f"unknown timm architecture '{arch}'{hint}")
