@@ -334,7 +334,7 @@ class Dispatcher:
         self.ctx, self.on_shard, self.progress = ctx, on_shard, progress or (lambda msg: None)
         s = ctx.schedule
         order = [m.id for m in ctx.spec.committee]
-        size = s.window_shards
+        size = s.window_shards or len(tasks)
         self.n_windows = -(-len(tasks) // size)
         self.windows = deque(Window(i, tasks[i * size:(i + 1) * size]) for i in range(self.n_windows))
         for w in self.windows:

@@ -77,7 +77,8 @@ class Schedule:
     light_cpus: float      # CPUs of each decode or reduce task
     decode_tasks: int      # decode tasks at once: one per CPU the slots leave free (at least one)
     items: int             # (member, slot-share) work items per window: members x actors_per_model
-    window_shards: int     # shards decoded and held at once (each decoded once per run)
+    window_shards: int | None  # shards decoded and held at once (each decoded once per run); None: sized on
+    #                            the cluster (its object store unknown here)
     capacity: Capacity
 
     @property
@@ -92,7 +93,8 @@ class Schedule:
         return (f"{self.members} members on {self.slots} slot(s) of {device} each (cluster: {c.gpus:g} GPUs, "
                 f"{c.cpus:g} CPUs from {c.source}): {min(self.slots, self.items)} at once, {self.rounds} round(s) "
                 f"per window; a slot loads its next member's weights instead of a new process starting; "
-                f"windows of up to {self.window_shards} shard(s), each decoded once")
+                + (f"windows of up to {self.window_shards} shard(s)" if self.window_shards else
+                   "windows of as many shards as fit a fifth of the cluster's object store") + ", each decoded once")
 
 
 def make_schedule(spec: RunSpec, members: int, capacity: Capacity, n_shards: int) -> Schedule:
@@ -133,13 +135,14 @@ def make_schedule(spec: RunSpec, members: int, capacity: Capacity, n_shards: int
                     window_shards(spec, capacity, n_shards), capacity)
 
 
-def window_shards(spec: RunSpec, capacity: Capacity, n_shards: int) -> int:
+def window_shards(spec: RunSpec, capacity: Capacity, n_shards: int) -> int | None:
     """Shards decoded and held in the object store at once: `resources.window_shards`, else as many as
-    fit WINDOW_STORE_FRACTION of the object store (all of them for small runs)."""
+    fit WINDOW_STORE_FRACTION of the object store (all of them for small runs); None when the object
+    store is not known (validate without a cluster)."""
     if spec.resources.window_shards is not None:
         return max(1, min(n_shards, spec.resources.window_shards))
     if not capacity.object_store_bytes:
-        return max(1, n_shards)
+        return None
     s = spec.run.image_size
     per_image = s * s * 3 + (s * s * 4 if spec.explainer.params.needs_segments else 0)  # pixels (+ superpixel ids)
     fit = int(capacity.object_store_bytes * WINDOW_STORE_FRACTION // (per_image * spec.run.shard_size))

@@ -15,6 +15,8 @@ import pytest
 import ray
 import yaml
 
+from ray_consensus.config import load_spec_file, parse_spec
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = yaml.safe_load((REPO / "cluster.yaml").read_text())
 SPECS = sorted(p for p in (REPO / "jobs").glob("*.yaml") if p.name != "runtime_env.yaml")
@@ -101,20 +103,44 @@ def test_job_specs_parse_with_the_run_schema(path):
     assert spec.storage.access_key_id is None and spec.storage.secret_access_key is None
 
 
-def test_imagenet_committee_is_20_plus_pretrained_imagenet_models_of_many_families():
+@pytest.mark.parametrize("name,members,families", [("imagenet-val.yaml", 20, 15), ("paper-committee.yaml", 80, 40)])
+def test_imagenet_committees_are_pretrained_imagenet_models_of_many_families(name, members, families):
+    """Every arch is a timm name with the tag of weights the installed timm knows, 1000 classes."""
     import timm
-    from ray_consensus.config import load_spec_file, parse_spec
 
-    spec = parse_spec(load_spec_file(REPO / "jobs" / "imagenet-val.yaml"))
+    spec = parse_spec(load_spec_file(REPO / "jobs" / name))
     pretrained = set(timm.list_models(pretrained=True))
-    assert len(spec.committee) >= 20
+    assert len(spec.committee) >= members
     for member in spec.committee:
         assert member.weights == "pretrained"
         assert member.arch in pretrained, member.arch
         assert timm.models.get_pretrained_cfg(member.arch).num_classes == 1000, member.arch
-    families = {re.match(r"[a-z]+", m.arch).group() for m in spec.committee}
-    assert len(families) >= 15, sorted(families)
+    found = {re.match(r"[a-z]+", m.arch).group() for m in spec.committee}
+    assert len(found) >= families, sorted(found)
     assert spec.dataset.num_classes == 1000
+
+
+def test_paper_committee_validates_in_seconds_and_shows_its_schedule(tmp_path):
+    """`ray-consensus validate jobs/paper-committee.yaml`, a local manifest in place of the bucket's."""
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+
+    pd.DataFrame({"uri": [f"/data/val/{i:05d}.JPEG" for i in range(600)], "label": [i % 1000 for i in range(600)]}
+                 ).to_parquet(tmp_path / "manifest.parquet")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "ray_consensus", "validate", str(REPO / "jobs" / "paper-committee.yaml"),
+                           "--dataset", str(tmp_path / "manifest.parquet"), "--output", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    took = time.time() - t0
+    assert proc.returncode == 0, proc.stderr
+    assert "600 images (1000 classes" in proc.stdout and "3 shards" in proc.stdout
+    n = len(parse_spec(load_spec_file(REPO / "jobs" / "paper-committee.yaml")).committee)
+    assert f"schedule: {n} members on 8 slot(s) of 1 GPU + 1 CPU each" in proc.stdout
+    assert f"8 at once, {-(-n // 8)} round(s) per window" in proc.stdout
+    assert took < 30, took  # timm's name list is cached on first use: later runs take a few seconds
 
 
 def test_demo_spec_rebuilds_the_demo_committee_as_trained():
@@ -183,7 +209,8 @@ def test_stage_demo_copies_a_demo_that_a_spec_reads_back_from_s3(s3_server, s3_b
 
 # ---------------------------------------------------------------- schedules and docs
 
-SCHEDULES = [REPO / "jobs" / "schedule" / "crontab.example", REPO / "jobs" / "schedule" / "cronjob.yaml"]
+SCHEDULES = [REPO / "jobs" / "schedule" / "crontab.example", REPO / "jobs" / "schedule" / "cronjob.yaml",
+             REPO / "jobs" / "schedule" / "rayjob.yaml", REPO / "jobs" / "schedule" / "raycronjob.yaml"]
 DOCUMENTS = [REPO / "docs" / "cluster.md", REPO / "cluster.yaml", *SCHEDULES,
              *(REPO / "jobs").glob("*.yaml")]
 
@@ -232,3 +259,89 @@ def test_ray_consensus_commands_in_docs_are_ones_the_cli_accepts():
             assert not set(options) - known, f"{path.name}: ray-consensus {sub} {options}"
             seen += 1
     assert seen >= 10
+
+
+# ---------------------------------------------------------------- KubeRay RayJob and RayCronJob
+
+# The fields of KubeRay's ray.io/v1 API (ray-operator/apis/ray/v1/*_types.go, as documented in the
+# RayJob and RayCronJob quickstarts): name -> type; required ones marked with "!".
+RAYJOB_SPEC = {"activeDeadlineSeconds": int, "backoffLimit": int, "rayClusterSpec": dict, "submitterPodTemplate": dict,
+               "metadata": dict, "clusterSelector": dict, "submitterConfig": dict, "managedBy": str,
+               "deletionStrategy": dict, "entrypoint": str, "runtimeEnvYAML": str, "jobId": str, "submissionMode": str,
+               "entrypointResources": str, "entrypointNumCpus": (int, float), "entrypointNumGpus": (int, float),
+               "ttlSecondsAfterFinished": int, "preRunningDeadlineSeconds": int, "shutdownAfterJobFinishes": bool,
+               "suspend": bool}
+SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
+SUBMITTER_CONFIG = {"backoffLimit": int}
+RAYCLUSTER_SPEC = {"upgradeStrategy": dict, "authOptions": dict, "suspend": bool, "managedBy": str,
+                   "autoscalerOptions": dict, "headServiceAnnotations": dict, "enableInTreeAutoscaling": bool,
+                   "gcsFaultToleranceOptions": dict, "historyServerOptions": dict, "networkPolicy": dict,
+                   "tlsOptions": dict, "headGroupSpec!": dict, "rayVersion": str, "workerGroupSpecs": list}
+HEAD_GROUP = {"template!": dict, "headService": dict, "enableIngress": bool, "ingressOptions": dict, "resources": dict,
+              "labels": dict, "rayStartParams!": dict, "serviceType": str}
+WORKER_GROUP = {"suspend": bool, "groupName!": str, "replicas": int, "minReplicas!": int, "maxReplicas!": int,
+                "idleTimeoutSeconds": int, "priority": int, "resources": dict, "labels": dict,
+                "rayStartParams!": dict, "template!": dict, "scaleStrategy": dict, "numOfHosts": int}
+RAYCRONJOB_SPEC = {"jobTemplate!": dict, "schedule!": str, "timeZone": str, "suspend": bool}
+
+
+def _check_fields(obj: dict, fields: dict, where: str) -> None:
+    names = {k.rstrip("!"): v for k, v in fields.items()}
+    assert not set(obj) - set(names), f"{where}: unknown fields {sorted(set(obj) - set(names))}"
+    for key, typ in fields.items():
+        if key.endswith("!"):
+            assert key[:-1] in obj, f"{where}: {key[:-1]} is required"
+    for key, value in obj.items():
+        assert isinstance(value, names[key]) and not (names[key] is int and isinstance(value, bool)), \
+            f"{where}.{key}: {type(value).__name__}"
+
+
+def _check_pod_template(template: dict, where: str) -> None:
+    containers = template["spec"]["containers"]
+    assert containers and all(c.get("name") and c.get("image") for c in containers), where
+
+
+def _check_rayjob_spec(spec: dict, where: str) -> None:
+    _check_fields(spec, RAYJOB_SPEC, where)
+    assert spec.get("submissionMode", "K8sJobMode") in SUBMISSION_MODES
+    _check_fields(spec.get("submitterConfig", {}), SUBMITTER_CONFIG, f"{where}.submitterConfig")
+    cluster = spec["rayClusterSpec"]
+    _check_fields(cluster, RAYCLUSTER_SPEC, f"{where}.rayClusterSpec")
+    _check_fields(cluster["headGroupSpec"], HEAD_GROUP, f"{where}.headGroupSpec")
+    _check_pod_template(cluster["headGroupSpec"]["template"], f"{where}.headGroupSpec")
+    for group in cluster.get("workerGroupSpecs", []):
+        _check_fields(group, WORKER_GROUP, f"{where}.workerGroupSpecs")
+        assert 0 <= group["minReplicas"] <= group.get("replicas", 0) <= group["maxReplicas"]
+        _check_pod_template(group["template"], f"{where}.workerGroupSpecs")
+    for params in [cluster["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in
+                                                                   cluster.get("workerGroupSpecs", [])]:
+        assert all(isinstance(v, str) for v in params.values()), "rayStartParams is map[string]string"
+    assert cluster["rayVersion"] == ray.__version__
+
+
+def test_rayjob_starts_an_ephemeral_cluster_that_runs_the_job_and_goes_away():
+    job = yaml.safe_load((REPO / "jobs" / "schedule" / "rayjob.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    spec = job["spec"]
+    _check_rayjob_spec(spec, "RayJob.spec")
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] >= 0
+    assert 0 < spec["activeDeadlineSeconds"] < 24 * 3600  # ends before the next nightly run starts
+    assert spec["backoffLimit"] >= 1  # a failed run is retried on a new cluster, and resumes
+    # The entrypoint is the product's own command on a spec the image carries (its Dockerfile copies jobs/).
+    command, path = spec["entrypoint"].rsplit(" ", 1)
+    assert command == "ray-consensus run" and path.startswith("/home/ray/jobs/")
+    assert "COPY jobs/ /home/ray/jobs/" in (REPO / "jobs" / "schedule" / "Dockerfile").read_text()
+    parse_spec(load_spec_file(REPO / "jobs" / path.removeprefix("/home/ray/jobs/")))
+    assert "secret" not in (REPO / "jobs" / "schedule" / "rayjob.yaml").read_text().lower().replace(
+        "no secrets", "")
+    env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert set(env) <= {"env_vars", "working_dir", "pip", "py_modules", "excludes"}
+
+
+def test_raycronjob_schedules_exactly_the_rayjob():
+    cron = yaml.safe_load((REPO / "jobs" / "schedule" / "raycronjob.yaml").read_text())
+    job = yaml.safe_load((REPO / "jobs" / "schedule" / "rayjob.yaml").read_text())
+    assert (cron["apiVersion"], cron["kind"]) == ("ray.io/v1", "RayCronJob")
+    _check_fields(cron["spec"], RAYCRONJOB_SPEC, "RayCronJob.spec")
+    assert len(cron["spec"]["schedule"].split()) == 5 and cron["spec"]["timeZone"] == "Etc/UTC"
+    assert cron["spec"]["jobTemplate"] == job["spec"]  # one run, one definition
