@@ -1,4 +1,4 @@
-"""`ray-consensus`: run, validate, status, report, demo.
+"""`ray-consensus`: run, validate, status, report, export-masks, demo.
 
 A spec file is optional: flags override it, and a run works from flags alone
 (`--dataset`, `--model` repeated, `--explainer`, `--output`). Errors a user can fix print
@@ -193,6 +193,26 @@ def report(run_root: str = typer.Argument(..., help="run root (local folder or s
     from ray_consensus.storage import open_store
 
     typer.echo(_guard(write_report, open_store(run_root)))
+
+
+@app.command("export-masks")
+def export_masks(run_root: str = typer.Argument(..., help="run root (local folder or s3://bucket/prefix)"),
+                 out: str = typer.Argument(..., help="where to write masks/, masks.parquet, summary.json (local or "
+                                                     "s3://)"),
+                 rule: str = typer.Option("top", "--rule", help="top | threshold | otsu"),
+                 fraction: float = typer.Option(0.2, "--fraction", help="top: the share of map cells kept"),
+                 threshold: float = typer.Option(0.5, "--threshold", help="threshold: the share of the map's maximum"),
+                 quiet: bool = typer.Option(False, "--quiet", "-q")):
+    """Pseudo segmentation masks from the consensus of every voted image, in each image's own pixel grid
+    (0 background, 1 foreground, 255 outside the shared crop), with their IoU against ground-truth masks."""
+    from ray_consensus.pseudo_masks import MaskRule, export_masks as export
+
+    summary = _guard(lambda: export(run_root, out, MaskRule(rule, fraction, threshold),
+                                    None if quiet else lambda m: typer.echo(m, err=True)))
+    line = f"wrote {summary['masks']} masks ({summary['rule']}) to {out}"
+    if summary["mean_iou"] is not None:
+        line += f"; mean IoU against the ground-truth masks {summary['mean_iou']:.3f} ({summary['with_ground_truth']} images)"
+    typer.echo(line)
 
 
 @app.command()

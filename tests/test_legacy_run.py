@@ -5,41 +5,13 @@ aggregates and tables/images rows, and its contract version is in its fingerprin
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
-from pathlib import Path
-
 import pandas as pd
-import pytest
 
 from ray_consensus.config import parse_spec
 from ray_consensus.data import read_manifest
 from ray_consensus.plan import make_plan
 from ray_consensus.runner import execute
 from ray_consensus.storage import LocalStore
-
-LEGACY = Path(__file__).resolve().parent / "legacy"
-
-
-@pytest.fixture
-def legacy_root(s3_server, tmp_path, monkeypatch):
-    """The 0.1.0 run root copied to tmp_path, its data set back in its bucket on the test S3 server."""
-    module_spec = importlib.util.spec_from_file_location("make_fixture", LEGACY / "make_fixture.py")
-    fixture = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(fixture)
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
-    client = s3_server.client()
-    if fixture.BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
-        client.create_bucket(Bucket=fixture.BUCKET)
-    for path in sorted((LEGACY / "data").rglob("*.png")):
-        client.upload_file(str(path), fixture.BUCKET, f"data/{path.relative_to(LEGACY / 'data').as_posix()}")
-    root = tmp_path / "run"
-    shutil.copytree(LEGACY / "run", root)
-    yield root, parse_spec(fixture.spec(str(root)))
-    import ray
-
-    ray.shutdown()  # execute() started one for the reducer: leave the next tests a clean process
 
 
 def test_a_0_1_0_run_root_needs_no_attribution_or_input_recomputed(legacy_root):
