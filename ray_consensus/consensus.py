@@ -462,21 +462,25 @@ def permutation_p_value(x: np.ndarray, y: np.ndarray, method: str, n_perm: int =
     return reaching / len(orders) if exact else (1 + reaching) / (1 + len(orders))
 
 
+# A correlation of exactly +-1 (frequent when resampling a small committee leaves few distinct members)
+# enters Fisher's z as +-0.999 (z = +-3.8): its atanh, infinite, would swamp every other replicate.
+FISHER_EDGE = 0.999
+
+
 def fisher_interval(coefficient: float, replicates: np.ndarray, ci: float = 0.95) -> tuple[float, float]:
     """A bootstrap interval for a correlation that always contains it: normal on Fisher's z scale,
-    tanh(atanh(r) -/+ z_ci * sd(atanh(r*))), r* the defined replicates (|r| clipped below 1).
+    tanh(atanh(r) -/+ z_ci * sd(atanh(r*))), r* the defined replicates, both clipped to
+    +-FISHER_EDGE, and the interval widened to the estimate if clipping moved it past.
 
-    It stays inside (-1, 1) and, being centred on the estimate, cannot exclude it (percentile
-    intervals can, when the replicates are skewed). (NaN, NaN) with fewer than 2 replicates.
+    It stays inside [-1, 1] and, centred on the estimate, cannot exclude it (percentile intervals
+    can, when the replicates are skewed). (NaN, NaN) with fewer than 2 replicates.
     """
     reps = np.asarray(replicates, np.float64)
     reps = reps[np.isfinite(reps)]
     if not np.isfinite(coefficient) or len(reps) < 2:
         return math.nan, math.nan
-    edge = 1 - 1e-12
-    centre = math.atanh(min(max(coefficient, -edge), edge))
-    half = stats.norm.ppf((1 + ci) / 2) * float(np.std(np.arctanh(np.clip(reps, -edge, edge)), ddof=1))
-    # min/max: at |r| near 1, tanh(atanh(r)) can round past r itself.
+    centre = math.atanh(min(max(coefficient, -FISHER_EDGE), FISHER_EDGE))
+    half = stats.norm.ppf((1 + ci) / 2) * float(np.std(np.arctanh(np.clip(reps, -FISHER_EDGE, FISHER_EDGE)), ddof=1))
     return min(math.tanh(centre - half), coefficient), max(math.tanh(centre + half), coefficient)
 
 

@@ -348,7 +348,10 @@ class MemberRecipe:
     kwargs: dict = field(default_factory=dict)
 
 
-# Different families, input sizes and training lengths, so that accuracies differ.
+# Thirteen members of thirteen architecture families (residual, ConvNeXt, RegNet, MobileNetV3,
+# LeViT, ViT, LCNet, GhostNet, MnasNet, MobileViT, DLA, PiT, MobileNetV2), chosen among timm's
+# small architectures for their training time at 64 px on a CPU (100-250 ms a step of 64 images);
+# input sizes and training lengths differ so that accuracies spread (short runs stay weak).
 DEMO_COMMITTEE: tuple[MemberRecipe, ...] = (
     MemberRecipe("resnet10t", "resnet10t", 64, steps=150),
     MemberRecipe("convnext_atto", "convnext_atto", 64, steps=120),
@@ -364,6 +367,12 @@ DEMO_COMMITTEE: tuple[MemberRecipe, ...] = (
         kwargs={"img_size": 56, "patch_size": 8, "depth": 6},
     ),
     MemberRecipe("lcnet_050_short", "lcnet_050", 64, steps=60),
+    MemberRecipe("ghostnet_050", "ghostnet_050", 64, steps=100),
+    MemberRecipe("mnasnet_small", "mnasnet_small", 64, steps=100),
+    MemberRecipe("mobilevit_xxs", "mobilevit_xxs", 64, steps=100),
+    MemberRecipe("dla46_c", "dla46_c", 64, steps=80),
+    MemberRecipe("pit_ti", "pit_ti_224", 64, steps=100, lr=1e-3, kwargs={"img_size": 64}),
+    MemberRecipe("mobilenetv2_050_short", "mobilenetv2_050", 64, steps=40),
 )
 
 
@@ -391,10 +400,10 @@ def train_committee(
     hashes the recipe, the data set fingerprint, ``seed`` and :data:`RECIPE_VERSION`, so a
     member whose files exist is not trained again.
 
-    Training runs on CPU with torch's thread setting (``torch.set_num_threads`` or
-    ``OMP_NUM_THREADS``; by default one thread per core). About 3 minutes on 2 idle cores
-    for :data:`DEMO_COMMITTEE`; on an oversubscribed machine use one thread, as torch's
-    OpenMP threads slow down many times over when they must wait for each other.
+    Training runs on CPU, one member per core at a time in worker processes of one torch thread
+    each (small models use a second thread poorly: one process of two threads kept 1.2 of 2 cores
+    busy); one member, one core, or fewer than 200 steps in all train in this process with torch's
+    thread setting. About 4 minutes on 2 idle cores for :data:`DEMO_COMMITTEE`.
 
     Returns:
         One dict per member: ``{"id", "arch", "weights" (absolute path), "kwargs"
@@ -404,26 +413,14 @@ def train_committee(
     description = json.loads((dataset_root / "dataset.json").read_text())
     num_classes = len(description["classes"])
     models_dir = Path(cache_dir).resolve() / "models"
-    committee = []
+    committee, missing = [], []
     for recipe in recipes:
         key = _cache_key(
             {"recipe": dataclasses.asdict(recipe), "data": description["fingerprint"], "seed": seed}
         )
         weights = models_dir / f"{recipe.id}-{key}.safetensors"
-        sidecar = weights.with_suffix(".json")
-        if not sidecar.exists():
-            started = time.perf_counter()
-            with torch.random.fork_rng(devices=[]):
-                model = _train(recipe, dataset_root, num_classes, seed)
-            accuracy = _accuracy(model, dataset_root, "images")
-            _save_member(model, weights, recipe, num_classes, description, accuracy)
-            if progress:
-                seconds = time.perf_counter() - started
-                print(
-                    f"[demo] {recipe.id:<22} {recipe.arch:<22} in={recipe.input_size:<3d} "
-                    f"steps={recipe.steps:<4d} acc={accuracy:.3f}  {seconds:5.1f}s",
-                    flush=True,
-                )
+        if not weights.with_suffix(".json").exists():
+            missing.append((recipe, weights))
         committee.append(
             {
                 "id": recipe.id,
@@ -433,7 +430,36 @@ def train_committee(
                 "num_classes": num_classes,
             }
         )
+    # A worker process costs seconds to start (torch, timm): worth it for a committee's worth of steps.
+    workers = min(len(missing), os.cpu_count() or 1) if sum(r.steps for r, _ in missing) >= 200 else 1
+    jobs = [(recipe, dataset_root, num_classes, seed, weights, description) for recipe, weights in missing]
+    if workers > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for line in pool.map(_train_and_save, jobs):
+                if progress:
+                    print(line, flush=True)
+    else:
+        for job in jobs:
+            line = _train_and_save(job)
+            if progress:
+                print(line, flush=True)
     return committee
+
+
+def _train_and_save(job: tuple) -> str:
+    """Train one member and write its files; returns its progress line."""
+    recipe, dataset_root, num_classes, seed, weights, description = job
+    started = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        model = _train(recipe, dataset_root, num_classes, seed)
+    accuracy = _accuracy(model, dataset_root, "images")
+    _save_member(model, weights, recipe, num_classes, description, accuracy)
+    return (f"[demo] {recipe.id:<22} {recipe.arch:<22} in={recipe.input_size:<3d} steps={recipe.steps:<4d} "
+            f"acc={accuracy:.3f}  {time.perf_counter() - started:5.1f}s")
 
 
 def _cache_key(parts: dict) -> str:

@@ -13,7 +13,7 @@ tables/images. The math is in `consensus.py`, the columns in `contract.py`.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -94,17 +94,23 @@ def alignment_metrics(maps: np.ndarray, masks: np.ndarray, has_mask: np.ndarray)
 
 def subcommittee_sums(s: ShardMaps, method: MethodSpec, model_ids: list[str],
                       subsets: list[tuple[int, int, np.ndarray]]) -> list[dict]:
-    """Per random sub-committee: each member's summed consensus score over the shard's voted images."""
+    """Per random sub-committee: each member's summed consensus score over the shard's voted images.
+
+    The members' vectors are normalised once (normalisation is per member); each sub-committee then
+    votes and scores on its rows, as `vote_shard` would on a shard of its members alone.
+    """
+    norm = cm.normalise(s.weights if s.weights is not None else s.maps, method.normalise)
     rows = []
     for k, trial, members in subsets:
-        sub = replace(s, preds=s.preds[members], correct=s.correct[members], maps=s.maps[members],
-                      weights=None if s.weights is None else s.weights[members], masks=None)
-        v = vote_shard(sub, method, (method.similarity,))
-        score = np.where(v.voted, v.scores[method.similarity], 0.0)
+        sub = norm[members]
+        reference = cm.leave_one_out_votes(sub, method.vote) if method.leave_one_out else cm.vote(sub, method.vote)[None]
+        voted = voted_images(s.correct[members], method)
+        score = np.where(voted, cm.similarity(sub, reference, method.similarity), 0.0)
         for j, m in enumerate(members):
             rows.append({"k": k, "trial": trial, "model_id": model_ids[m], "score_sum": float(score[j].sum()),
-                         "n_voted": int(v.voted.sum())})
+                         "n_voted": int(voted.sum())})
     return rows
+
 
 # Images of a shard are dealt into this many blocks (by position), the units the run-level image
 # bootstrap resamples: one image per block for shards of up to 16 images (the ordinary bootstrap).

@@ -423,10 +423,14 @@ def test_fisher_interval_is_centred_on_the_estimate_in_z_and_always_contains_it(
     low, high = fisher_interval(0.4, reps, ci=0.9)
     half = stats.norm.ppf(0.95) * np.std(np.arctanh(reps), ddof=1)
     assert (low, high) == pytest.approx((np.tanh(np.arctanh(0.4) - half), np.tanh(np.arctanh(0.4) + half)))
+    # exact +-1 replicates count as +-0.999 on the z scale
+    low, high = fisher_interval(0.2, np.array([1.0, -1.0, 0.2, 0.3]))
+    half = stats.norm.ppf(0.975) * np.std(np.arctanh([0.999, -0.999, 0.2, 0.3]), ddof=1)
+    assert (low, high) == pytest.approx((np.tanh(np.arctanh(0.2) - half), np.tanh(np.arctanh(0.2) + half)))
     # replicates all on one side of the estimate (a percentile interval would exclude it)
     low, high = fisher_interval(0.9, np.array([0.1, 0.2, 0.25, 0.3]))
     assert low < 0.9 < high < 1
-    assert fisher_interval(1.0, np.ones(10)) == pytest.approx((1.0, 1.0))  # a perfect committee: no spread
+    assert fisher_interval(1.0, np.ones(10)) == pytest.approx((0.999, 1.0))  # a perfect committee: no spread
     assert all(math.isnan(v) for v in fisher_interval(0.5, np.array([0.5])))
 
 
