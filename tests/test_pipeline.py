@@ -161,3 +161,27 @@ def test_lime_run_votes_on_the_superpixels_every_member_shares(tmp_path, local_r
         assert weights.shape == (2, full.max() + 1)  # both members, one weight per superpixel
         norm = np.abs(weights) / np.linalg.norm(weights, axis=1, keepdims=True)
         np.testing.assert_allclose(consensus.loc[image_id, "consensus"], norm.mean(axis=0)[grid], atol=1e-6)
+
+
+@pytest.mark.parametrize("method", [{}, {"voted": "all_correct", "leave_one_out": True, "vote": "median",
+                                         "similarity": "spearman"}])
+def test_subcommittee_sums_equal_each_subcommittee_voted_alone(method):
+    from dataclasses import replace
+
+    from ray_consensus.config import MethodSpec
+    from ray_consensus.plan import subcommittees
+    from ray_consensus.reduce import ShardMaps, subcommittee_sums, vote_shard
+
+    rng = np.random.default_rng(0)
+    k, n, p = 6, 10, 64
+    shard = ShardMaps([str(i) for i in range(n)], np.zeros(n, int), np.zeros((k, n), int), rng.random((k, n)) < 0.7,
+                      rng.random((k, n, p)) - 0.3, None, None, None, np.zeros(n, bool), 8)
+    m = MethodSpec(**method)
+    subsets = subcommittees(k, [3, 5], 3, 0)
+    rows = subcommittee_sums(shard, m, [str(i) for i in range(k)], subsets)
+    expected = []
+    for _, _, members in subsets:
+        alone = vote_shard(replace(shard, preds=shard.preds[members], correct=shard.correct[members],
+                                   maps=shard.maps[members]), m, (m.similarity,))
+        expected += list(np.where(alone.voted, alone.scores[m.similarity], 0.0).sum(axis=1))
+    np.testing.assert_allclose([r["score_sum"] for r in rows], expected, rtol=1e-12)

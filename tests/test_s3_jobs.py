@@ -130,11 +130,16 @@ def checking_s3(monkeypatch_module):
     """A second moto server that checks signatures, with an IAM user whose keys it knows.
 
     moto accepts any key unless authentication is on; INITIAL_NO_AUTH_ACTION_COUNT lets the
-    first requests (creating the user and its key) through, and checks every later one.
+    first requests through (creating the user and its key) and checks every later one. How many
+    requests reach it first is not fixed (a readiness probe that timed out on a loaded machine still
+    counts), so the count is generous and what is left of it is used up below, until a wrong key is
+    refused.
     """
+    from botocore.exceptions import ClientError
+
     from s3server import S3Server
 
-    monkeypatch_module.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "4")
+    monkeypatch_module.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "40")
     server = S3Server()
     server.start()
     monkeypatch_module.delenv("INITIAL_NO_AUTH_ACTION_COUNT")
@@ -146,6 +151,15 @@ def checking_s3(monkeypatch_module):
         {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
     key = iam.create_access_key(UserName="runner")["AccessKey"]
     server.access_key_id, server.secret_access_key = key["AccessKeyId"], key["SecretAccessKey"]
+    wrong = boto3.client("s3", endpoint_url=server.endpoint_url, region_name=server.region,
+                         aws_access_key_id=server.access_key_id, aws_secret_access_key="wrong")
+    for _ in range(60):  # until the server checks signatures
+        try:
+            wrong.list_buckets()
+        except ClientError:
+            break
+    else:
+        pytest.fail("the S3 server never started checking signatures")
     server.make_bucket("checked-bucket")
     server.client().put_object(Bucket="checked-bucket", Key="probe", Body=b"")  # the right keys do work
     with pytest.raises(Exception, match="403|Forbidden|SignatureDoesNotMatch"):
