@@ -165,7 +165,8 @@ def decode_window(ctx: StageContext, tasks: list[ShardTask]) -> list:
 
     ds = ray.data.from_items([{"payload": pickle.dumps(t)} for t in tasks], override_num_blocks=len(tasks))
     return ds.map_batches(decode_shards, fn_args=(ctx,), batch_size=1, num_cpus=ctx.schedule.light_cpus,
-                          concurrency=min(len(tasks), ctx.schedule.decode_tasks)).to_arrow_refs()
+                          compute=ray.data.TaskPoolStrategy(size=min(len(tasks), ctx.schedule.decode_tasks))
+                          ).to_arrow_refs()
 
 
 # ---------------------------------------------------------------- explain: slots
