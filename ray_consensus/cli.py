@@ -127,8 +127,8 @@ def validate(spec_file: Optional[Path] = SPEC_ARG, dataset: Optional[str] = DATA
     from ray_consensus.preflight import preflight
 
     spec = _guard(build_spec, spec_file, dataset, model, explainer, output, set_)
-    store, manifest = _guard(preflight, spec)
-    plan = _guard(make_plan, spec, store, manifest)
+    store, manifest, listing = _guard(preflight, spec)
+    plan = _guard(make_plan, spec, store, manifest, False, listing)
     summary = plan.summary(spec, manifest)
     summary["schedule"] = _guard(planned_schedule, spec, plan)
     if as_json:

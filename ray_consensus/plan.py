@@ -23,9 +23,11 @@ its manifest. `tests/test_plan.py` states the rule change by change.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -34,7 +36,7 @@ from ray_consensus.config import RunSpec
 from ray_consensus.contract import ImageRef, read_stored_manifest
 from ray_consensus.data import Manifest, assign_shards
 from ray_consensus.storage import Store
-from ray_consensus.units import Unit, attributions_dir, completed, shard_dir
+from ray_consensus.units import Unit, attributions_dir, completed_later, shard_dir
 
 
 @dataclass
@@ -46,7 +48,7 @@ class ShardPlan:
     attributions: dict[str, Unit]   # model_id -> unit, in committee order
     reduce: Unit
 
-    @property
+    @functools.cached_property
     def models_to_compute(self) -> list[str]:
         return [m for m, u in self.attributions.items() if not u.done]
 
@@ -214,9 +216,13 @@ def _json_strings(values: np.ndarray) -> tuple[list[str], bool]:
 
 # ---------------------------------------------------------------- the plan
 
-def make_plan(spec: RunSpec, store: Store, manifest: Manifest, force: bool = False) -> Plan:
+def make_plan(spec: RunSpec, store: Store, manifest: Manifest, force: bool = False,
+              listing: Callable[[], dict[str, str]] | None = None) -> Plan:
     """The plan of `spec` over the data set's manifest and what the run root holds (`force`: as if it
-    held nothing). Images keep the shard the run root's manifest gave them; new ones fill new shards."""
+    held nothing; `listing`: the run root's complete units, `units.completed_later` started earlier,
+    else listed here while the fingerprints are hashed). Images keep the shard the run root's manifest
+    gave them; new ones fill new shards."""
+    listing = (lambda: {}) if force else listing or completed_later(store)
     previous = read_stored_manifest(store, columns=["image_id", "shard"])
     table = assign_shards(manifest.table, previous, spec.run.shard_size)
     shard_col = table["shard"].to_numpy()
@@ -228,21 +234,25 @@ def make_plan(spec: RunSpec, store: Store, manifest: Manifest, force: bool = Fal
                                spec.method.seed)
 
     contents = _shard_contents(table)
-    inputs_fp, attr_recipes = inputs_recipe(spec), [(m.id, attribution_recipe(spec, m)) for m in spec.committee]
+    inputs_fp, attr_recipes = inputs_recipe(spec), [attribution_recipe(spec, m) for m in spec.committee]
     reduce_fp = reduce_recipe(spec, subsets)
     member_json = [json.dumps(m.id) for m in spec.committee]
-    done = {} if force else completed(store)
-    shards = {}
-    prefixes = [(model_id, attributions_dir(model_id, 0)[:-5], recipe) for model_id, recipe in attr_recipes]
+    fingerprints = {}
     for s, (start, stop) in rows.items():
         ifp = inputs_fp("[" + ", ".join(contents[start:stop]) + "]")
-        ifp_json, suffix = json.dumps(ifp), f"{s:05d}"
-        attr = {}
-        for model_id, prefix, recipe in prefixes:
-            folder = prefix + suffix  # attributions_dir(model_id, s), without formatting it 300,000 times
-            attr[model_id] = Unit(folder, recipe(ifp_json), done.get(folder))
-        pairs = ", ".join(f'[{mj}, "{u.fingerprint}"]' for mj, u in zip(member_json, attr.values()))
+        ifp_json = json.dumps(ifp)
+        attr = [recipe(ifp_json) for recipe in attr_recipes]
+        pairs = ", ".join(f'[{mj}, "{fp}"]' for mj, fp in zip(member_json, attr))
+        fingerprints[s] = ifp, attr, reduce_fp(f"[{pairs}]")
+
+    done = listing()
+    shards = {}
+    prefixes = [(m.id, attributions_dir(m.id, 0)[:-5]) for m in spec.committee]
+    for s, (ifp, attr, rfp) in fingerprints.items():
+        suffix = f"{s:05d}"  # attributions_dir(model_id, s), without formatting it 300,000 times
+        units = {model_id: Unit(prefix + suffix, fp, done.get(prefix + suffix))
+                 for (model_id, prefix), fp in zip(prefixes, attr)}
         inputs_dir, reduce_dir = shard_dir("inputs", s), shard_dir("consensus", s)
-        shards[s] = ShardPlan(s, Unit(inputs_dir, ifp, done.get(inputs_dir)), attr,
-                              Unit(reduce_dir, reduce_fp(f"[{pairs}]"), done.get(reduce_dir)))
+        shards[s] = ShardPlan(s, Unit(inputs_dir, ifp, done.get(inputs_dir)), units,
+                              Unit(reduce_dir, rfp, done.get(reduce_dir)))
     return Plan(table, shards, subsets, rows)

@@ -43,8 +43,8 @@ def execute(spec: RunSpec, force: bool = False, progress: bool = True, report: b
     from ray_consensus.tables import write_tables
 
     t0 = time.time()
-    store, manifest = preflight(spec)
-    plan = make_plan(spec, store, manifest, force)
+    store, manifest, listing = preflight(spec, list_units=not force)
+    plan = make_plan(spec, store, manifest, force, listing)
     schedule = plan_schedule(spec, plan)
     with Lease(store):
         summary = plan.summary(spec, manifest)

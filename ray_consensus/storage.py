@@ -20,6 +20,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 
 from ray_consensus.config import StorageSpec
 from ray_consensus.errors import SpecError
+from ray_consensus.listing import TEMP_PREFIX, walk, walk_later
 
 
 # Dictionary encoding bloats float maps (~19 KB vs 12.5 KB raw for 56x56 float32); zstd shrinks them.
@@ -163,19 +165,31 @@ class Store:
         """Relative paths of the folders directly under `prefix`, sorted."""
         raise NotImplementedError
 
-    listing_threads = 1  # parallel listings `files_under` runs: one where listing is CPU-bound (local)
+    listing_threads = 1  # parallel listings `files_under` runs (S3: many; local: one, it is kernel-bound)
 
     def files(self, prefix: str) -> list[str]:
         """`list` unsorted."""
         raise NotImplementedError
 
-    def files_under(self, prefixes: list[str]) -> list[str]:
-        """The files under several prefixes, unsorted (on S3 listed in parallel: it pages one listing
-        1,000 keys at a time, so the many folders of a big run root list in seconds)."""
+    def files_under(self, prefixes: list[str], name_start: str = "") -> list[str]:
+        """The files under several prefixes whose names start with `name_start`, unsorted (on S3 listed
+        in parallel: it pages one listing 1,000 keys at a time, so the many folders of a big run root
+        list in seconds)."""
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(max(1, min(self.listing_threads, len(prefixes)))) as pool:
-            return [rel for listed in pool.map(self.files, prefixes) for rel in listed]
+            return [rel for listed in pool.map(self.files, prefixes) for rel in listed
+                    if rel.rpartition("/")[2].startswith(name_start)]
+
+    def files_under_later(self, prefixes: list[str], name_start: str = "") -> Callable[[], list[str]]:
+        """`files_under` started now; returns a function that waits for it and gives the files, so the
+        caller works while the store lists (S3: threads waiting on the network)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1)
+        future = pool.submit(self.files_under, prefixes, name_start)
+        pool.shutdown(wait=False)
+        return future.result
 
     def delete(self, rel: str) -> None:
         raise NotImplementedError
@@ -211,7 +225,7 @@ class LocalStore(Store):
         # Write beside the target, then rename: a reader never sees half a file.
         path = self._path(rel)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX)
         os.close(fd)
         try:
             write(tmp)
@@ -239,22 +253,20 @@ class LocalStore(Store):
         return sorted(self.files(prefix))
 
     def files(self, prefix=""):
-        base = self._path(prefix)
-        if not base.is_dir():
-            return []
-        out: list[str] = []
+        return walk(str(self._path(prefix)), safe_rel(prefix))
 
-        def walk(path: str, rel: str) -> None:  # os.scandir: ~5x Path.rglob on a run root of 300k units
-            with os.scandir(path) as entries:
-                for e in entries:
-                    name = f"{rel}/{e.name}" if rel else e.name
-                    if e.is_dir(follow_symlinks=False):
-                        walk(e.path, name)
-                    elif not e.name.startswith(".tmp-"):
-                        out.append(name)
+    def files_under(self, prefixes, name_start=""):
+        return [rel for p in prefixes for rel in walk(str(self._path(p)), safe_rel(p), name_start)]
 
-        walk(str(base), safe_rel(prefix))
-        return out
+    # From this many folders on (a committee of 14 members or more), a child process lists them while
+    # the caller plans: listing a big local run root costs seconds of kernel time (`listing.py`).
+    BACKGROUND_PREFIXES = 16
+
+    def files_under_later(self, prefixes, name_start=""):
+        if len(prefixes) < self.BACKGROUND_PREFIXES:
+            files = self.files_under(prefixes, name_start)
+            return lambda: files
+        return walk_later(self.root, [safe_rel(p) for p in prefixes], name_start)
 
     def list_dirs(self, prefix):
         base = self._path(prefix)

@@ -19,7 +19,7 @@ import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import pyarrow as pa
 
@@ -45,21 +45,31 @@ def shard_dir(kind: str, shard: int) -> str:
 
 
 def completed(store: Store) -> dict[str, str]:
-    """{unit folder: fingerprint} of every complete unit in the run root: the folders holding markers
-    (inputs/, consensus/ for reduce units, attributions/ one member at a time) listed in parallel."""
+    """{unit folder: fingerprint} of every complete unit in the run root."""
+    return completed_later(store)()
+
+
+def completed_later(store: Store) -> Callable[[], dict[str, str]]:
+    """`completed`, listed while the caller works: returns a function that waits for the listing. The
+    folders holding markers (inputs/, consensus/ for reduce units, attributions/ one member at a time)
+    are listed in parallel on S3, in a process of its own for a big local run root."""
     prefixes = ["inputs", "consensus"] + store.list_dirs("attributions")
-    done = {}
-    for rel in store.files_under(prefixes):
-        folder, _, name = rel.rpartition("/")
-        if name.startswith(MARKER):
+    files = store.files_under_later(prefixes, MARKER)
+
+    def result() -> dict[str, str]:
+        done = {}
+        for rel in files():
+            folder, _, name = rel.rpartition("/")
             done[folder] = name[len(MARKER):]
-    return done
+        return done
+
+    return result
 
 
-@dataclass(frozen=True)
-class Unit:
+class Unit(NamedTuple):
     """One unit of the run root: its folder, the fingerprint it must carry now, and the one its
-    marker carries (None: no marker)."""
+    marker carries (None: no marker). A named tuple: a plan builds 300,000 of them for 80 members x
+    a million images, 4x faster than a frozen dataclass."""
 
     folder: str
     fingerprint: str

@@ -169,3 +169,31 @@ def test_shard_contents_are_json_dumps_of_the_rows_whatever_the_strings_hold():
     expected = [json.dumps(row) for row in
                 frame[["image_id", "uri", "label", "mask_uri"]].astype(str).to_numpy().tolist()]
     assert _shard_contents(frame) == expected
+
+
+def test_big_run_roots_are_listed_in_a_child_process_with_the_same_result(tmp_path, monkeypatch):
+    """From LocalStore.BACKGROUND_PREFIXES folders on, `completed` lists in a child process
+    (`listing.py`); the units it finds are those the in-process walk finds: markers only, files being
+    written (.tmp-) never, nested folders included."""
+    from ray_consensus import listing
+    from ray_consensus.units import completed
+
+    store = LocalStore(str(tmp_path / "run"))
+    expected = {}
+    for k in range(LocalStore.BACKGROUND_PREFIXES + 2):
+        for s in range(3):
+            folder = f"attributions/model=m{k:02d}/shard={s:05d}"
+            store.write_bytes(f"{folder}/{MARKER}fp{k}-{s}", b"")
+            store.write_bytes(f"{folder}/part-0.parquet", b"x")
+            expected[folder] = f"fp{k}-{s}"
+    store.write_bytes(f"inputs/shard=00000/{MARKER}in", b"")
+    expected["inputs/shard=00000"] = "in"
+    (tmp_path / "run" / "inputs" / "shard=00000" / ".tmp-abc").write_bytes(b"")
+
+    started = []
+    real = listing.walk_later
+    monkeypatch.setattr("ray_consensus.storage.walk_later",
+                        lambda *a, **k: started.append(a) or real(*a, **k))
+    assert completed(store) == expected
+    assert len(started) == 1  # the child process did the listing
+    assert store.files_under(["inputs"]) == [f"inputs/shard=00000/{MARKER}in"]
