@@ -194,7 +194,7 @@ def end_to_end(work: Path, scale: float) -> dict:
     explainer = create_explainer(spec.explainer.params)
     batch = spec.resources.batch_size
     ratio, bare_text, bare_usage, info, used = pipeline_vs_loop(
-        spec, n, smoothgrad_batches(model, pre, explainer, pixels, labels, batch), time_cap_s=45 * scale)
+        spec, n, smoothgrad_batches(model, pre, explainer, pixels, labels, batch), time_cap_s=36 * scale)
     say(Figure("smoothgrad_end_to_end_vs_bare_loop", ratio, ".2f", ">= 0.85", ratio >= 0.85).line())
     sched = slots_of(spec)
     note(f"{n} PNG images {PHOTO[1]}x{PHOTO[0]} -> {spec.run.image_size} px crops; resnet10t (random init, input "
@@ -325,7 +325,7 @@ def committee_vs_sequential(work: Path, scale: float) -> tuple[dict, RunSpec]:
     models = [load_member(m, manifest.num_classes) for m in spec.committee]
     steps = committee_lime_images(list(manifest.table["uri"]), list(manifest.table["label"]), models,
                                   Lime(**params).params, spec.run.image_size, spec.run.map_size)
-    ratio, seq_text, seq_usage, info, used = pipeline_vs_loop(spec, n, steps, time_cap_s=35 * scale)
+    ratio, seq_text, seq_usage, info, used = pipeline_vs_loop(spec, n, steps, time_cap_s=25 * scale)
     say(Figure("committee_pipeline_vs_sequential_loop", ratio, ".2f", ">= 3", ratio >= 3).line())
     sched = slots_of(spec)
     note(f"{n} PNG images with masks; the demo's first {len(members)} architectures at their trained input "
