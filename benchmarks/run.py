@@ -309,7 +309,7 @@ def lime_vs_captum(work: Path, scale: float) -> None:
 # ---------------------------------------------------------------- figure 3
 
 def committee_vs_sequential(work: Path, scale: float) -> tuple[dict, RunSpec]:
-    n = 4 * max(2, round(8 * scale))
+    n = 4 * max(2, round(6 * scale))
     data = image_set(work, "committee-data", n, masks=True)
     members = demo_members()
     params = DEMO_EXPLAINER_PARAMS["lime"]
@@ -346,7 +346,7 @@ MEMORY_COMMITTEE = ["mobilenetv3_small_050", "lcnet_050"]
 
 
 def memory_growth(work: Path, scale: float) -> tuple[RunSpec, dict]:
-    n = 4 * max(2, round(8 * scale))
+    n = 4 * max(2, round(6 * scale))
     runs = {}
     for count in (n, 10 * n):
         data = image_set(work, f"mem-data-{count}", count, masks=True)
