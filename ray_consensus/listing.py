@@ -49,7 +49,8 @@ def walk_later(root: str, prefixes: list[str], name_start: str = "") -> Callable
     def result() -> list[str]:
         _, err = child.communicate()
         if child.returncode != 0:
-            raise OSError(f"listing {root} failed: {err.decode(errors='replace').strip().splitlines()[-1:]}")
+            last = err.decode(errors="replace").strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
+            raise OSError(f"listing {root} failed: {last[0]}")
         out.seek(0)
         text = out.read().decode()
         out.close()

@@ -18,7 +18,6 @@ import hashlib
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import pyarrow as pa
@@ -46,30 +45,34 @@ def shard_dir(kind: str, shard: int) -> str:
 
 def completed(store: Store) -> dict[str, str]:
     """{unit folder: fingerprint} of every complete unit in the run root."""
-    return completed_later(store)()
+    return _markers(store.files_under(_unit_prefixes(store), MARKER))
 
 
 def completed_later(store: Store) -> Callable[[], dict[str, str]]:
-    """`completed`, listed while the caller works: returns a function that waits for the listing. The
-    folders holding markers (inputs/, consensus/ for reduce units, attributions/ one member at a time)
-    are listed in parallel on S3, in a process of its own for a big local run root."""
-    prefixes = ["inputs", "consensus"] + store.list_dirs("attributions")
-    files = store.files_under_later(prefixes, MARKER)
+    """`completed`, listed while the caller works: returns a function that waits for the listing (on
+    S3 in threads, for a big local run root in a process of its own)."""
+    files = store.files_under_later(_unit_prefixes(store), MARKER)
+    return lambda: _markers(files())
 
-    def result() -> dict[str, str]:
-        done = {}
-        for rel in files():
-            folder, _, name = rel.rpartition("/")
-            done[folder] = name[len(MARKER):]
-        return done
 
-    return result
+def _unit_prefixes(store: Store) -> list[str]:
+    """The folders holding markers: inputs/, consensus/ (reduce units), attributions/ one member at a time."""
+    return ["inputs", "consensus"] + store.list_dirs("attributions")
+
+
+def _markers(files: list[str]) -> dict[str, str]:
+    """Marker paths -> {unit folder: fingerprint}."""
+    done = {}
+    for rel in files:
+        folder, _, name = rel.rpartition("/")
+        done[folder] = name[len(MARKER):]
+    return done
 
 
 class Unit(NamedTuple):
     """One unit of the run root: its folder, the fingerprint it must carry now, and the one its
-    marker carries (None: no marker). A named tuple: a plan builds 300,000 of them for 80 members x
-    a million images, 4x faster than a frozen dataclass."""
+    marker carries (None: no marker). A named tuple: a plan builds 312,560 of them for 80 members x
+    a million images, in about half the time frozen dataclasses took (1.1 s against 2.1 s here)."""
 
     folder: str
     fingerprint: str

@@ -172,11 +172,11 @@ def test_shard_contents_are_json_dumps_of_the_rows_whatever_the_strings_hold():
 
 
 def test_big_run_roots_are_listed_in_a_child_process_with_the_same_result(tmp_path, monkeypatch):
-    """From LocalStore.BACKGROUND_PREFIXES folders on, `completed` lists in a child process
-    (`listing.py`); the units it finds are those the in-process walk finds: markers only, files being
-    written (.tmp-) never, nested folders included."""
+    """From LocalStore.BACKGROUND_PREFIXES folders on, `completed_later` (the plan's listing) lists in a
+    child process (`listing.py`); the units it finds are those the in-process walk (`completed`) finds:
+    markers only, files being written (.tmp-) never, nested folders included."""
     from ray_consensus import listing
-    from ray_consensus.units import completed
+    from ray_consensus.units import completed, completed_later
 
     store = LocalStore(str(tmp_path / "run"))
     expected = {}
@@ -194,6 +194,7 @@ def test_big_run_roots_are_listed_in_a_child_process_with_the_same_result(tmp_pa
     real = listing.walk_later
     monkeypatch.setattr("ray_consensus.storage.walk_later",
                         lambda *a, **k: started.append(a) or real(*a, **k))
-    assert completed(store) == expected
+    assert completed_later(store)() == expected
     assert len(started) == 1  # the child process did the listing
+    assert completed(store) == expected and len(started) == 1  # the in-process walk, no child
     assert store.files_under(["inputs"]) == [f"inputs/shard=00000/{MARKER}in"]
