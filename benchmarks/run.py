@@ -382,7 +382,7 @@ def reducer_share(committee: tuple[dict, RunSpec], others: dict[str, dict]) -> N
     t0 = time.perf_counter()
     for p in plan.shards.values():  # the same fingerprint: rewrites the same files
         reduce_shard(store, p.shard, p.reduce, [m.id for m in spec.committee], spec.method, spec.run.map_size,
-                     plan.subsets)
+                     plan.subsets, plan.images(p.shard))
     in_process = time.perf_counter() - t0
     note(f"figure 3's run.json ({len(spec.committee)} members, masks, {len(plan.shards)} shards): reduce_s "
          f"{t['reduce_s']:.2f} s / attributions_s {t['attributions_s']:.2f} s; the same reduction in this process, "

@@ -68,7 +68,7 @@ def build_spec(spec_file: Optional[Path], dataset=None, models=None, explainer=N
 
 
 def _guard(fn, *args, **kwargs):
-    from ray_consensus.errors import ClusterError
+    from ray_consensus.errors import ClusterError, RunFailed
     from ray_consensus.lease import LeaseHeld
     from ray_consensus.storage import StorageError
 
@@ -76,7 +76,7 @@ def _guard(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except (SpecError, StorageError, LeaseHeld) as e:
         fail(str(e))
-    except ClusterError as e:
+    except (ClusterError, RunFailed) as e:
         fail(str(e), code=1)
 
 
@@ -167,12 +167,15 @@ def status(run_root: str = typer.Argument(..., help="run root (local folder or s
     if as_json:
         typer.echo(json.dumps(st, indent=2))
         return
-    typer.echo(f"{st['run_root']}: {st['status']} (updated {st['updated']}), {st['shards']} shards")
+    typer.echo(f"{st['run_root']}: {st['status']} (updated {st['updated']}), {st['shards']} shards"
+               + (f"; {st['error']}" if st["status"] != "complete" and st.get("error") else ""))
     for m, d in st["models"].items():
         typer.echo(f"  {m}: {len(d['done'])} done, {len(d['missing'])} missing"
                    + (f" (shards {_ranges(d['missing'])})" if d["missing"] else ""))
     r = st["reduced"]
     typer.echo(f"  reduced: {len(r['done'])} done, {len(r['missing'])} missing")
+    for folder, why in st["damaged"].items():
+        typer.echo(f"  damaged: {folder} ({why}): the next run recomputes it")
 
 
 def _ranges(values: list[int]) -> str:
@@ -192,7 +195,7 @@ def report(run_root: str = typer.Argument(..., help="run root (local folder or s
     from ray_consensus.reporting import write_report
     from ray_consensus.storage import open_store
 
-    typer.echo(_guard(write_report, open_store(run_root)))
+    typer.echo(_guard(lambda: write_report(open_store(run_root))))
 
 
 @app.command("export-masks")

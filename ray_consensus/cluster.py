@@ -18,7 +18,9 @@ def init_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+        # Ray's own loggers at ERROR: its warnings (token auth, progress bars off) are not for our users;
+        # its errors, and what the workers print, still reach the console.
+        ray.init(logging_level=logging.ERROR, log_to_driver=True, configure_logging=True)
 
 
 def _autoscaler_node_types() -> list[tuple[dict, int]]:

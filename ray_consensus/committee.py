@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ray_consensus.config import MemberSpec, StorageSpec
 from ray_consensus.errors import SpecError
 from ray_consensus.model_names import check_arch
+from ray_consensus.pretrained import check_head, timm_kwargs
 from ray_consensus.storage import read_uri_bytes
 from ray_consensus.units import fingerprint
 
@@ -49,15 +50,6 @@ def load_state_dict_bytes(data: bytes, source: str) -> dict[str, Tensor]:
     return obj
 
 
-def _timm_kwargs(kwargs: dict) -> dict:
-    # YAML/JSON have no tuples; timm wants tuples inside pretrained_cfg_overlay (e.g. input_size).
-    out = dict(kwargs)
-    if isinstance(out.get("pretrained_cfg_overlay"), dict):
-        out["pretrained_cfg_overlay"] = {k: tuple(v) if isinstance(v, list) else v
-                                         for k, v in out["pretrained_cfg_overlay"].items()}
-    return out
-
-
 def create_member_model(member: MemberSpec, num_classes: int, storage: StorageSpec | None = None) -> nn.Module:
     """Build the member's timm model with its weights, in eval mode, on the CPU.
 
@@ -67,16 +59,14 @@ def create_member_model(member: MemberSpec, num_classes: int, storage: StorageSp
     import timm
 
     check_arch(member.arch)
-    kwargs = _timm_kwargs(member.kwargs)
+    kwargs = timm_kwargs(member.kwargs)
     if member.weights == "pretrained":
         try:
             model = timm.create_model(member.arch, pretrained=True, **kwargs)
         except Exception as e:
             raise SpecError(f"model {member.id}: cannot load pretrained weights for '{member.arch}': "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        if model.num_classes != num_classes:
-            raise SpecError(f"model {member.id}: pretrained '{member.arch}' has {model.num_classes} classes, "
-                            f"the data set has {num_classes}")
+        check_head(member, model.num_classes, num_classes)
     else:
         # Seeded from the member, so `random` weights are the same in every actor and every run.
         with torch.random.fork_rng(devices=[]):

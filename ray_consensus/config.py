@@ -25,8 +25,8 @@ _f = spec_field
 
 @dataclass
 class DatasetSpec:
-    path: str = _f("", "image folder (one sub-folder per class) or manifest table (.csv/.parquet: uri, label, "
-                   "optional mask_uri, optional image_id); local path or s3:// URI")
+    path: str = _f("", "image folder (every sub-folder a class, empty ones too) or manifest table (.csv/.parquet: "
+                   "uri, label, optional mask_uri, image_id, version); local path, file:///path or s3:// URI")
     masks: str | None = _f(None, "optional folder of foreground masks mirroring the image folder (same relative "
                                  "paths; any image extension)")
     mask_foreground: str = _f("nonzero", "which mask pixels are foreground: nonzero, or nonzero_not_255 "
@@ -76,9 +76,10 @@ class MethodSpec:
                               "and over members", low=0)
     permutations: int = _f(10000, "random pairings for the correlations' permutation p-value (exact when all "
                                   "pairings of the committee are fewer)", low=1)
-    robustness_sizes: list = _f([], "sub-committee sizes for the robustness table (default: 3..K-1 in steps)")
+    robustness_sizes: list[int] = _f([], "sub-committee sizes for the robustness table, each from 2 to the "
+                                         "committee's size (default: 3..K-1 in steps)")
     robustness_trials: int = _f(20, "random sub-committees drawn per size", low=0)
-    seed: int = _f(0, "seed for bootstrap, sub-committees and stochastic explainers")
+    seed: int = _f(0, "seed for bootstrap, sub-committees and stochastic explainers", low=0)
 
 
 @dataclass
@@ -209,6 +210,10 @@ def check_spec(spec: RunSpec) -> None:
         raise SpecError(f"run.map_size ({spec.run.map_size}) cannot exceed run.image_size ({spec.run.image_size})")
     if spec.method.leave_one_out and len(spec.committee) < 2:
         raise SpecError("method.leave_one_out needs at least 2 committee members")
+    outside = [k for k in spec.method.robustness_sizes if not 2 <= k <= len(spec.committee)]
+    if outside:
+        raise SpecError(f"method.robustness_sizes: each size must be from 2 to {len(spec.committee)} (the "
+                        f"committee's size), got {', '.join(map(str, outside))}")
 
 
 SECTIONS = (("dataset", DatasetSpec), ("committee[]", MemberSpec), ("explainer", ExplainerSpec),

@@ -4,17 +4,24 @@ Each table of the run root (README, "What a run writes") has its encoder here an
 package reads it back, its decoder, so a column is named, typed and scaled in exactly one
 module. Paths come from `units`. Arrays are numpy; nothing here imports torch or Ray.
 
-    manifest.parquet                 image_id, uri, label, mask_uri, shard
-    errors/…                         image_id, uri, stage, reason
+    manifest.parquet                 image_id, uri, label, mask_uri, version, shard
+    errors/shard=N/<file>            image_id, uri, stage, reason (strings): part-0 the shard's decode | mask
+                                     rejects, attribution.parquet its members' non-finite ones; shard=-0001
+                                     holds the rows rejected while listing (stage manifest, no shard)
     inputs/shard=N                   image_id, label, mask (map grid), superpixels (map grid, LIME)
     attributions/model=M/shard=N     image_id, label, pred, correct, height, width, attribution
-                                     [, attribution_scale (float16 maps)] [, superpixel_weights]
-    consensus/shard=N                image_id, label, n_models, height, width, voted, consensus
+                                     [, attribution_scale (float16 maps)] [, superpixel_weights];
+                                     an image whose logits or map were not finite: attribution all NaN,
+                                     and pred null when its logits were not finite
+    consensus/shard=N                image_id, label, n_models (members with a finite map), height, width,
+                                     voted, consensus (float32; the stored metrics are of these values)
                                      [, mask, ap, roc_auc, pointing_game]
     scores/shard=N                   image_id, model_id, label, pred, correct, voted, consensus_score,
                                      one column per similarity [, one per alignment metric]
-    subcommittees/shard=N            k, trial, model_id, score_sum, n_voted
-    aggregates/shard=N               model_id, block, n_images, n_correct, n_voted, score_sum, score_n
+    subcommittees/shard=N            k, trial, model_id, score_sum, n_voted (the member's voted images with
+                                     a defined score)
+    aggregates/shard=N               model_id, block, n_images, n_predicted, n_correct, n_nonfinite, n_voted,
+                                     score_sum, score_n
                                      [, <metric>_sum, <metric>_n per alignment metric]
     tables/images/shard=N            image_id, label, voted, members, members_correct, majority_pred,
                                      majority_votes, mean_consensus_score, min_consensus_score
@@ -32,12 +39,12 @@ import pandas as pd
 import pyarrow as pa
 
 from ray_consensus.config import RunSpec, parse_spec
+from ray_consensus.errors import SpecError
 from ray_consensus.storage import Store
 from ray_consensus.units import DATA_FILE, attributions_dir, shard_dir
 
 MANIFEST_FILE = "manifest.parquet"
 CONSENSUS_ID = "consensus"  # the vote's own row in the aggregates and the models table
-MANIFEST_ERRORS_FILE = f"errors/manifest/{DATA_FILE}"
 RUN_FILE = "run.json"
 
 
@@ -65,6 +72,17 @@ def images_file(shard: int) -> str:
 
 
 IMAGES_TABLE = "tables/images"
+
+# errors/ is one Hive-partitioned data set (key `shard`): the rows rejected while listing have no shard
+# and are stored under shard -1; a shard's members' non-finite logits or maps sit beside its decode rejects.
+MANIFEST_SHARD = -1
+MANIFEST_ERRORS_FILE = file_of("errors", MANIFEST_SHARD)
+LEGACY_MANIFEST_ERRORS_FILE = f"errors/manifest/{DATA_FILE}"  # before 0.3.0: a folder outside the partitioning
+
+
+def member_errors_file(shard: int) -> str:
+    """The shard's (member, image) pairs whose logits or map were not finite (written by its reducer)."""
+    return f"{shard_dir('errors', shard)}/attribution.parquet"
 
 
 # ---------------------------------------------------------------- columns
@@ -100,9 +118,11 @@ def read_stored_manifest(store: Store, columns: list[str] | None = None) -> pd.D
 
 
 def write_manifest(store: Store, manifest: pd.DataFrame, errors: pd.DataFrame) -> None:
-    """manifest: image_id, uri, label, mask_uri, shard; errors: the images rejected while listing."""
+    """manifest: image_id, uri, label, mask_uri, version, shard; errors: the images rejected while listing."""
     store.write_parquet(MANIFEST_FILE, pa.Table.from_pandas(manifest, preserve_index=False))
     store.write_parquet(MANIFEST_ERRORS_FILE, errors_table(errors.to_dict("records")))
+    if store.exists(LEGACY_MANIFEST_ERRORS_FILE):  # migrate: errors/ reads as one data set only without it
+        store.delete(LEGACY_MANIFEST_ERRORS_FILE.rpartition("/")[0])
 
 
 ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("stage", pa.string()),
@@ -110,14 +130,15 @@ ERRORS_SCHEMA = pa.schema([("image_id", pa.string()), ("uri", pa.string()), ("st
 
 
 def errors_table(rows: list[dict]) -> pa.Table:
-    """Rows of image_id, uri, stage (manifest | decode | mask), reason."""
+    """Rows of image_id, uri, stage (manifest | decode | mask | attribution), reason; typed when empty."""
     return pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA) if rows else ERRORS_SCHEMA.empty_table()
 
 
 def count_errors(store: Store, shards: list[int]) -> int:
-    """Inputs that could not be used: rejected while listing, or while decoding the shards."""
+    """Rows of errors/: inputs rejected while listing or decoding the shards, and (member, image) pairs
+    whose logits or map were not finite (every listed shard reduced)."""
     return store.read_parquet(MANIFEST_ERRORS_FILE).num_rows + sum(
-        store.read_parquet(file_of("errors", s)).num_rows for s in shards)
+        store.read_parquet(f).num_rows for s in shards for f in (file_of("errors", s), member_errors_file(s)))
 
 
 # ---------------------------------------------------------------- inputs
@@ -170,15 +191,18 @@ class Attributions:
     """One member's stored attributions of one shard, images in stored order."""
 
     image_ids: list[str]
-    preds: np.ndarray                      # (N,) int64
+    preds: np.ndarray                      # (N,) int64, -1 where the logits were not finite (stored null)
     correct: np.ndarray                    # (N,) bool
-    maps: np.ndarray                       # (N, P) float64, as computed (float16 storage scaled back)
+    maps: np.ndarray                       # (N, P) float64, as computed (float16 storage scaled back); NaN
+                                           # rows: the logits or the map were not finite
     superpixel_weights: np.ndarray | None  # (N, J) float64 LIME weights, 0 beyond each image's superpixels
 
 
 def encode_attributions(images: list[ImageRef], preds: np.ndarray, maps: np.ndarray, extras: dict[str, list],
                         map_dtype: str) -> pa.Table:
-    """maps: float32 (N, M, M); extras: name -> one 1-D float array per image (e.g. superpixel weights).
+    """maps: float32 (N, M, M), all NaN for an image whose logits or map were not finite; preds: (N,)
+    int64, -1 (stored null) where the logits were not finite; extras: name -> one 1-D float array per
+    image (e.g. superpixel weights).
 
     With `map_dtype: float16` each map is stored scaled to max |m| = 1 with its scale in
     `attribution_scale`: raw maps sit far below float16's normal range (gradients ~1e-7).
@@ -186,17 +210,18 @@ def encode_attributions(images: list[ImageRef], preds: np.ndarray, maps: np.ndar
     n, m = len(images), maps.shape[-1] if maps.ndim == 3 else 0
     labels = np.array([int(i.label) for i in images], dtype=np.int64)
     flat = maps.reshape(n, m * m).astype(np.float32)
+    preds = preds.astype(np.int64)
     columns = {
         "image_id": pa.array([i.image_id for i in images], pa.string()),
         "label": pa.array(labels),
-        "pred": pa.array(preds.astype(np.int64)),
+        "pred": pa.array(preds, mask=preds < 0),
         "correct": pa.array(preds == labels),
         "height": pa.array(np.full(n, m, np.int64)),
         "width": pa.array(np.full(n, m, np.int64)),
     }
     if map_dtype == "float16":
-        scale = np.abs(flat).max(axis=1) if n else np.zeros(0, np.float32)
-        scale[scale == 0] = 1.0
+        scale = np.abs(flat).max(axis=1) if n and m else np.zeros(n, np.float32)
+        scale[(scale == 0) | ~np.isfinite(scale)] = 1.0  # NaN maps stay NaN
         columns["attribution"] = list_column((flat / scale[:, None]).astype(np.float16))
         columns["attribution_scale"] = pa.array(scale.astype(np.float32))
     else:
@@ -218,7 +243,8 @@ def read_attributions(store: Store, model_id: str, shard: int, pixels: int) -> A
     t = store.read_parquet(attributions_file(model_id, shard))
     weights = _ragged(t.column("superpixel_weights")) if "superpixel_weights" in t.column_names and t.num_rows \
         else None
-    return Attributions(t.column("image_id").to_pylist(), t.column("pred").to_numpy().astype(np.int64),
+    preds = t.column("pred").fill_null(-1).to_numpy().astype(np.int64)
+    return Attributions(t.column("image_id").to_pylist(), preds,
                         t.column("correct").to_numpy(zero_copy_only=False).astype(bool), decode_maps(t, pixels),
                         weights)
 
@@ -231,19 +257,30 @@ def read_maps(store: Store, model_id: str, shard: int, pixels: int) -> dict[str,
 
 # ---------------------------------------------------------------- consensus, scores, subcommittees
 
-def encode_consensus(image_ids: list[str], labels: np.ndarray, n_models: int, map_size: int, voted: np.ndarray,
-                     consensus: np.ndarray, masks: np.ndarray | None, has_mask: np.ndarray,
+CONSENSUS_DTYPE = np.float32
+
+
+def as_stored(consensus: np.ndarray) -> np.ndarray:
+    """Consensus values as the `consensus` column stores them (float32), in float64: the reducer scores
+    and aligns these, so a recomputation from storage gives the stored figures exactly (a float64 vote
+    rounded to float32 can turn two distinct values into a tie)."""
+    return np.asarray(consensus).astype(CONSENSUS_DTYPE).astype(np.float64)
+
+
+def encode_consensus(image_ids: list[str], labels: np.ndarray, n_models: np.ndarray, map_size: int,
+                     voted: np.ndarray, consensus: np.ndarray, masks: np.ndarray | None, has_mask: np.ndarray,
                      alignment: dict[str, np.ndarray] | None) -> pa.Table:
-    """consensus: (N, P) the vote of the normalised maps; alignment: metric -> (N,) of the vote."""
+    """consensus: (N, P) the vote of the normalised maps (NaN: no member had a finite map), n_models: (N,)
+    the members it is the vote of; alignment: metric -> (N,) of the vote."""
     n = len(image_ids)
     cols = {
         "image_id": pa.array(image_ids, pa.string()),
-        "label": pa.array(labels),
-        "n_models": pa.array(np.full(n, n_models, np.int64)),
+        "label": pa.array(labels, pa.int64()),
+        "n_models": pa.array(np.asarray(n_models, np.int64)),
         "height": pa.array(np.full(n, map_size, np.int64)),
         "width": pa.array(np.full(n, map_size, np.int64)),
-        "voted": pa.array(voted),
-        "consensus": list_column(consensus.astype(np.float32)) if n else pa.array([], pa.list_(pa.float32())),
+        "voted": pa.array(voted, pa.bool_()),
+        "consensus": list_column(consensus.astype(CONSENSUS_DTYPE)) if n else pa.array([], pa.list_(pa.float32())),
     }
     if masks is not None:
         cols["mask"] = pa.array([m if h else None for m, h in zip(masks, has_mask)], pa.list_(pa.uint8()))
@@ -259,20 +296,22 @@ def read_consensus(store: Store, shard: int, columns: list[str] | None = None) -
 def encode_scores(image_ids: list[str], model_ids: list[str], labels: np.ndarray, preds: np.ndarray,
                   correct: np.ndarray, voted: np.ndarray, measure: str, similarities: dict[str, np.ndarray],
                   alignment: dict[str, np.ndarray] | None) -> pa.Table:
-    """One row per (member, image), members outer: preds, correct, similarities[...] and alignment[...]
-    are (K, N); `measure` names the similarity stored as `consensus_score`."""
+    """One row per (member, image), members outer: preds (-1: not finite, stored null), correct,
+    similarities[...] and alignment[...] are (K, N) (NaN: the member's map is not in the vote);
+    `measure` names the similarity stored as `consensus_score`."""
     k, n = len(model_ids), len(image_ids)
+    preds = np.asarray(preds, np.int64).ravel()
     cols = {
         "image_id": pa.array(np.tile(np.array(image_ids, dtype=object), k), pa.string()),
         "model_id": pa.array(np.repeat(np.array(model_ids, dtype=object), n), pa.string()),
-        "label": pa.array(np.tile(labels, k)),
-        "pred": pa.array(preds.ravel()),
-        "correct": pa.array(correct.ravel()),
-        "voted": pa.array(np.tile(voted, k)),
-        "consensus_score": pa.array(similarities[measure].ravel()),
+        "label": pa.array(np.tile(labels, k), pa.int64()),
+        "pred": pa.array(preds, mask=preds < 0),
+        "correct": pa.array(correct.ravel(), pa.bool_()),
+        "voted": pa.array(np.tile(voted, k), pa.bool_()),
+        "consensus_score": pa.array(similarities[measure].ravel(), pa.float64()),
     }
     for name, values in {**similarities, **(alignment or {})}.items():
-        cols[name] = pa.array(values.ravel())
+        cols[name] = pa.array(values.ravel(), pa.float64())
     return pa.table(cols)
 
 
@@ -289,15 +328,20 @@ def encode_subcommittees(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SUBCOMMITTEE_SCHEMA)
 
 
+def _typed_table(columns: dict[str, np.ndarray]) -> pa.Table:
+    """numpy columns -> a table; object columns are strings (so a shard without images is typed too)."""
+    return pa.table({k: pa.array(v, pa.string() if v.dtype == object else None) for k, v in columns.items()})
+
+
 def encode_aggregates(columns: dict[str, np.ndarray]) -> pa.Table:
     """A shard's aggregates: one row per (model_id, block) with the sums and counts behind the run-level
     tables (`reduce.shard_aggregates` builds the columns; the `consensus` rows are the vote's own)."""
-    return pa.table({k: pa.array(v) for k, v in columns.items()})
+    return _typed_table(columns)
 
 
 def encode_images(columns: dict[str, np.ndarray]) -> pa.Table:
     """A shard's rows of tables/images (`reduce.image_rows` builds the columns)."""
-    return pa.table({k: pa.array(v) for k, v in columns.items()})
+    return _typed_table(columns)
 
 
 def read_per_shard(store: Store, kind: str, shards: list[int], columns: list[str] | None = None) -> pd.DataFrame:
@@ -317,8 +361,15 @@ class StoredRun:
 
 
 def read_run(store: Store) -> StoredRun:
-    """Raises FileNotFoundError when the root holds no run."""
-    info = store.read_json(RUN_FILE)
+    """Raises SpecError (one line) when the root holds no run or its run.json cannot be read."""
+    try:
+        info = store.read_json(RUN_FILE)
+    except FileNotFoundError:
+        raise SpecError(f"no run at {store.root} (run.json not found)") from None
+    except ValueError as e:  # not JSON (json.JSONDecodeError, UnicodeDecodeError)
+        raise SpecError(f"{store.uri(RUN_FILE)} is not a run's run.json: {e}") from None
+    if not isinstance(info, dict) or not isinstance(info.get("spec"), dict):
+        raise SpecError(f"{store.uri(RUN_FILE)} is not a run's run.json: it holds no spec")
     data = dict(info["spec"])
-    data["storage"] = {k: v for k, v in data["storage"].items() if v != "***"}
+    data["storage"] = {k: v for k, v in (data.get("storage") or {}).items() if v != "***"}
     return StoredRun(parse_spec(data), info)

@@ -1,6 +1,7 @@
 """The data set: manifest, fixed shards, and decoding images and masks onto the shared grids.
 
-The manifest lists every image (image_id, uri, label, mask_uri). Its shard assignment is
+The manifest lists every image (image_id, uri, label, mask_uri, version: what the image and its
+mask are now, from the listing; the plan's fingerprints hash it). Its shard assignment is
 stored in the run root (`manifest.parquet`) and only ever grows: images already assigned
 keep their shard, new images form new shards after the last one, so a shard id never
 changes meaning between runs of the same run root.
@@ -19,12 +20,15 @@ from PIL import Image
 
 from ray_consensus.config import DatasetSpec, StorageSpec
 from ray_consensus.errors import SpecError
-from ray_consensus.storage import list_uri, read_uri_bytes
+from ray_consensus.storage import (Listed, data_location, is_s3, is_utf8, list_uri, list_versions, read_uri_bytes,
+                                   split_s3)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-MANIFEST_COLUMNS = ["image_id", "uri", "label", "mask_uri"]
+MANIFEST_COLUMNS = ["image_id", "uri", "label", "mask_uri", "version"]
 MIN_SIDE = 8                 # smaller images carry no usable spatial explanation
 MAX_PIXELS = 64_000_000      # decompression-bomb guard (PIL raises above twice its own limit)
+MAX_CLASSES = 1_000_000      # a class count derived from the labels beyond this is a bad label, not a data set
+TABLE_TEXT_COLUMNS = ("image_id", "uri", "mask_uri", "version")  # read as strings: "007" stays "007"
 
 
 class DecodeError(ValueError):
@@ -33,9 +37,9 @@ class DecodeError(ValueError):
 
 @dataclass
 class Manifest:
-    table: pd.DataFrame          # image_id, uri, label, mask_uri (sorted by image_id)
+    table: pd.DataFrame          # image_id, uri, label, mask_uri, version (sorted by image_id)
     num_classes: int
-    class_names: list[str]
+    class_names: list[str]       # the class folders, empty ones included (table manifests: none)
     errors: pd.DataFrame         # image_id, uri, stage, reason (rejected at listing time)
 
 
@@ -51,81 +55,166 @@ def _error_frame(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["image_id", "uri", "stage", "reason"])
 
 
+def _printable(name: str) -> str:
+    """A file name that is not UTF-8, with its bad bytes as \\x.. escapes (for errors/ and run.json)."""
+    return name.encode(errors="surrogateescape").decode(errors="backslashreplace")
+
+
+def _reject(rows: list[dict], image_id: str, uri: str, reason: str) -> None:
+    rows.append({"image_id": image_id, "uri": uri, "stage": "manifest", "reason": reason})
+
+
 def read_manifest(spec: DatasetSpec, storage: StorageSpec | None = None) -> Manifest:
-    """List the data set. Raises SpecError when it cannot be read at all."""
-    path = spec.path.rstrip("/")
+    """List the data set. Raises SpecError when it cannot be read at all; images that cannot be used are
+    rows of `errors` (stage manifest)."""
+    path = data_location(spec.path).rstrip("/")
+    masks = data_location(spec.masks).rstrip("/") if spec.masks else None
     is_table = path.endswith((".csv", ".parquet"))
     try:
         if is_table:
-            table, class_names = _read_table_manifest(path, storage), []
+            (table, errors), class_names = _read_table_manifest(path, storage), []
         else:
-            table, class_names = _read_folder_manifest(path, spec.masks, storage)
+            table, class_names, errors = _read_folder_manifest(path, masks, storage)
     except FileNotFoundError:
         raise SpecError(f"data set not found: {spec.path}") from None
     except PermissionError:
         raise SpecError(f"data set not readable: {spec.path}") from None
     if table.empty:
-        raise SpecError(f"data set {spec.path} has no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
+        rejected = f"; {len(errors)} rejected, e.g. {errors[0]['uri']}: {errors[0]['reason']}" if errors else ""
+        raise SpecError(f"data set {spec.path} has no images (extensions: {', '.join(IMAGE_EXTENSIONS)}){rejected}")
 
-    num_classes = spec.num_classes or (len(class_names) if class_names else int(table["label"].max()) + 1)
-    errors = []
-    bad_label = (table["label"] < 0) | (table["label"] >= num_classes)
-    for row in table[bad_label].itertuples():
-        errors.append({"image_id": row.image_id, "uri": row.uri, "stage": "manifest",
-                       "reason": f"label {row.label} outside the class range 0..{num_classes - 1}"})
-    table = table[~bad_label]
+    labels = table["label"].to_numpy(dtype=np.float64)  # integers (table labels checked by the reader)
+    if spec.num_classes:
+        num_classes = spec.num_classes
+    elif class_names:
+        num_classes = len(class_names)
+    else:
+        top = int(labels.argmax())
+        if labels[top] >= MAX_CLASSES:
+            raise SpecError(f"manifest {spec.path}: image {table['image_id'].iloc[top]} has label "
+                            f"{labels[top]:.0f}; labels are class indices below {MAX_CLASSES:,} (fix the label, or "
+                            f"set dataset.num_classes to reject it as a row of errors/)")
+        num_classes = int(labels[top]) + 1
+    bad_label = (labels < 0) | (labels >= num_classes)
+    for row, value in zip(table[bad_label].itertuples(), labels[bad_label]):
+        _reject(errors, row.image_id, row.uri, f"label {value:.0f} outside the class range 0..{num_classes - 1}")
+    table = table[~bad_label].assign(label=labels[~bad_label].astype("int64"))
     table = sort_rows(table, ["image_id", "uri"])
     dup = table["image_id"].duplicated(keep="first")
     for row in table[dup].itertuples():
-        errors.append({"image_id": row.image_id, "uri": row.uri, "stage": "manifest",
-                       "reason": "duplicate image_id (the first URI in sorted order is kept)"})
+        _reject(errors, row.image_id, row.uri, "duplicate image_id (the first URI in sorted order is kept)")
     table = table[~dup].reset_index(drop=True)
-    return Manifest(table[MANIFEST_COLUMNS], num_classes, class_names, _error_frame(errors))
+    return Manifest(table[MANIFEST_COLUMNS], num_classes, [_printable(c) for c in class_names], _error_frame(errors))
 
 
-def _read_folder_manifest(path: str, masks: str | None, storage) -> tuple[pd.DataFrame, list[str]]:
-    files = [u for u in list_uri(path, storage) if u.lower().endswith(IMAGE_EXTENSIONS)]
-    rels = [_rel(u, path) for u in files]
-    class_names = sorted({r.split("/")[0] for r in rels if "/" in r})
+def _read_folder_manifest(path: str, masks: str | None, storage) -> tuple[pd.DataFrame, list[str], list[dict]]:
+    """One sub-folder per class: every sub-folder is a class, empty ones included, so a class's index
+    does not depend on which classes hold images. An image's version is its file's, plus its mask's."""
+    listed, class_names = list_uri(path, storage)
     if not class_names:
         raise SpecError(f"{path}: expected one sub-folder per class holding the images")
     index = {c: i for i, c in enumerate(class_names)}
-    mask_of: dict[str, str] = {}
+    mask_of: dict[str, Listed] = {}
     if masks:
-        for u in list_uri(masks, storage):
-            if u.lower().endswith(IMAGE_EXTENSIONS):
-                mask_of.setdefault(_stem(_rel(u, masks)), u)
-    rows = [{"image_id": _stem(r), "uri": u, "label": index[r.split("/")[0]],
-             "mask_uri": mask_of.get(_stem(r), "" if masks else None)}
-            for u, r in zip(files, rels) if "/" in r]
-    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS), class_names
+        for f in list_uri(masks, storage)[0]:
+            if f.uri.lower().endswith(IMAGE_EXTENSIONS) and is_utf8(f.uri):
+                mask_of.setdefault(_stem(_rel(f.uri, masks)), f)
+    rows, errors = [], []
+    for f in listed:
+        rel = _rel(f.uri, path)
+        if "/" not in rel or not f.uri.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        if not is_utf8(f.uri):
+            _reject(errors, _printable(_stem(rel)), _printable(f.uri), "file name is not valid UTF-8 (rename it)")
+            continue
+        mask = mask_of.get(_stem(rel))
+        rows.append({"image_id": _stem(rel), "uri": f.uri, "label": index[rel.split("/")[0]],
+                     "mask_uri": mask.uri if mask else ("" if masks else None),
+                     "version": f"{f.version}|mask:{mask.version}" if mask else f.version})
+    return pd.DataFrame(rows, columns=MANIFEST_COLUMNS), class_names, errors
 
 
-def _read_table_manifest(path: str, storage) -> pd.DataFrame:
-    data = read_uri_bytes(path, storage)
-    frame = pd.read_csv(io.BytesIO(data)) if path.endswith(".csv") else pd.read_parquet(io.BytesIO(data))
+def _read_table_manifest(path: str, storage) -> tuple[pd.DataFrame, list[dict]]:
+    """A .csv or .parquet table: uri, label, optional image_id, mask_uri, version. Ids are strings as
+    written; a row without an integer label, an id or a URI is a row of errors. Without a `version`
+    column each image's (and mask's) version comes from listing the folders the URIs name, once each."""
+    frame = _read_table(path, storage)
     missing = {"uri", "label"} - set(frame.columns)
     if missing:
         raise SpecError(f"manifest {path} lacks column(s) {', '.join(sorted(missing))} (needs uri, label; "
-                        f"optional image_id, mask_uri)")
+                        f"optional image_id, mask_uri, version)")
     base = path.rsplit("/", 1)[0]
     frame = frame.copy()
     frame["uri"] = _resolve(frame["uri"], base)
-    if "image_id" not in frame.columns:
-        frame["image_id"] = [_stem(_rel(u, base)) for u in frame["uri"]]
-    frame["image_id"] = frame["image_id"].astype(str)
+    if "image_id" in frame.columns:
+        given = frame["image_id"].notna() & (frame["image_id"].astype(str) != "")
+        frame["image_id"] = frame["image_id"].astype(str).where(given, None)
+    else:
+        frame["image_id"] = [None if u is None else _stem(_rel(u, base)) for u in frame["uri"]]
     frame["mask_uri"] = _resolve(frame["mask_uri"], base) if "mask_uri" in frame.columns else None
+    values, ok = _integer_labels(frame["label"])
+    if len(frame) and not ok.any():
+        raise SpecError(f"manifest {path}: column 'label' must hold integer class indices (no row does, e.g. "
+                        f"{str(frame['label'].iloc[0])!r})")
+    errors: list[dict] = []
+    usable = ok & frame["uri"].notna().to_numpy() & frame["image_id"].notna().to_numpy()
+    for row in frame[~usable].itertuples():
+        image_id, uri = ("" if pd.isna(v) else v for v in (row.image_id, row.uri))
+        what = ("no uri" if not uri else "no image_id" if not image_id
+                else "no label" if pd.isna(row.label) or row.label == "" else
+                f"label {row.label!r} is not an integer class index")
+        _reject(errors, image_id, uri, what)
+    frame = frame[usable].assign(label=values[usable])
+    if "version" in frame.columns:
+        frame["version"] = frame["version"].fillna("").astype(str)
+    else:
+        uris = frame["uri"].tolist() + [m for m in frame["mask_uri"].dropna().tolist() if m]
+        found = list_versions(uris, storage)
+        image = frame["uri"].map(found).fillna("")
+        mask = frame["mask_uri"].map(found).fillna("")
+        frame["version"] = image.where(frame["mask_uri"].isna() | (frame["mask_uri"] == ""),
+                                       image + "|mask:" + mask)
+    return frame[MANIFEST_COLUMNS], errors
+
+
+def _read_table(path: str, storage) -> pd.DataFrame:
+    """The manifest file as a frame (the text columns as strings); SpecError with one line when it is no
+    readable table."""
+    data = read_uri_bytes(path, storage)
     try:
-        frame["label"] = frame["label"].astype("int64")
-    except (TypeError, ValueError):
-        raise SpecError(f"manifest {path}: column 'label' must hold integer class indices") from None
-    return frame[MANIFEST_COLUMNS]
+        if path.endswith(".csv"):
+            return pd.read_csv(io.BytesIO(data), dtype={c: str for c in TABLE_TEXT_COLUMNS}, keep_default_na=False)
+        return pd.read_parquet(io.BytesIO(data))
+    except pd.errors.EmptyDataError:
+        raise SpecError(f"manifest {path} is empty (expected a header line: uri,label[,image_id,mask_uri])") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"manifest {path} is not UTF-8 text") from None
+    except Exception as e:
+        kind = "CSV" if path.endswith(".csv") else "Parquet"
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise SpecError(f"manifest {path}: not a readable {kind} file ({detail})") from None
+
+
+def _integer_labels(labels: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(values as float64, ok): ok where the label is a whole number (1, 1.0, "3"); not where it is
+    missing, fractional (1.7), not finite, a boolean or other text."""
+    if pd.api.types.is_bool_dtype(labels):
+        return np.full(len(labels), np.nan), np.zeros(len(labels), bool)
+    if pd.api.types.is_numeric_dtype(labels):
+        values = labels.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        objects = labels.to_numpy(dtype=object)
+        values = np.array(pd.to_numeric(pd.Series(objects, dtype=object), errors="coerce"), dtype=np.float64)
+        values[[isinstance(v, (bool, np.bool_)) for v in objects]] = np.nan
+    with np.errstate(invalid="ignore"):
+        ok = np.isfinite(values) & (values == np.floor(values))
+    return values, ok
 
 
 def _resolve(uris: pd.Series, base: str) -> pd.Series:
-    """Manifest URIs: absolute paths and s3:// URIs as they are, others relative to the manifest's
-    folder `base`; empty, missing or non-string ones None. With pyarrow's string kernels: a million
-    in a fraction of a second."""
+    """Manifest URIs: absolute paths and s3:// URIs as they are, file:///path URIs as paths, others
+    relative to the manifest's folder `base`; empty, missing or non-string ones None. With pyarrow's
+    string kernels: a million in a fraction of a second."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -134,6 +223,7 @@ def _resolve(uris: pd.Series, base: str) -> pd.Series:
     arr = pa.array(np.where(strings, values, None) if strings is not None else values, type=pa.string(),
                    from_pandas=True)
     present = pc.and_(pc.is_valid(arr), pc.not_equal(arr, ""))
+    arr = pc.replace_substring_regex(arr, pattern="^file://(localhost)?/", replacement="/")
     absolute = pc.or_(pc.starts_with(arr, "s3://"), pc.starts_with(arr, "/"))
     out = pc.if_else(absolute, arr, pc.binary_join_element_wise(base, arr, "/"))
     out = pc.if_else(present, out, pa.scalar(None, pa.string()))
@@ -173,7 +263,26 @@ def assign_shards(manifest: pd.DataFrame, previous: pd.DataFrame | None, shard_s
 
 # ---------------------------------------------------------------- decoding
 
-def _open(data: bytes, what: str) -> Image.Image:
+def read_input(uri: str | None, storage: StorageSpec | None, what: str) -> bytes:
+    """The bytes of an image or mask file. Raises DecodeError (the reason for errors/) where there is no
+    file to read: no URI, a missing file, a folder, a path through a file, no permission to read."""
+    if not uri:
+        raise DecodeError(f"no {what} file for this image")
+    if is_s3(uri) and (uri.endswith("/") or not split_s3(uri)[1]):
+        raise DecodeError(f"{what} URI is a folder, not a file")
+    try:
+        return read_uri_bytes(uri, storage)
+    except (FileNotFoundError, NotADirectoryError):
+        raise DecodeError(f"{what} file not found") from None
+    except IsADirectoryError:
+        raise DecodeError(f"{what} URI is a folder, not a file") from None
+    except PermissionError:
+        raise DecodeError(f"{what} file not readable (permission denied)") from None
+
+
+def _open(data: bytes, what: str, load: bool = True) -> Image.Image:
+    """The image in `data`, decoded (or, without `load`, only its header read), within the
+    decompression-bomb guard. Raises DecodeError."""
     if not data:
         raise DecodeError(f"empty {what} file")
     try:
@@ -183,8 +292,10 @@ def _open(data: bytes, what: str) -> Image.Image:
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise DecodeError(f"{what} too large ({w}x{h} > {MAX_PIXELS} pixels; decompression-bomb guard)")
-            if img.format == "JPEG":  # decode big JPEGs at a reduced scale: cheaper, same result after resize
-                img.draft("RGB", (max(1, w // 4), max(1, h // 4)) if min(w, h) > 4096 else (w, h))
+            if not load:
+                return img
+            if what == "image" and img.format == "JPEG" and min(w, h) > 4096:
+                img.draft("RGB", (w // 4, h // 4))  # big JPEGs at a reduced scale: cheaper, same after resize
             img.load()
             return img
     except DecodeError:
@@ -196,11 +307,24 @@ def _open(data: bytes, what: str) -> Image.Image:
                           .rstrip(": ")) from None
 
 
+def _full_scale(img: Image.Image, arr: np.ndarray) -> float:
+    """The value that is white in a 16-bit, 32-bit int or float grey image: 65535 for 16-bit (and int
+    images above 255); 1 for a float image within [0, 1], 255 for one within [0, 255], any other float
+    image (or one with NaN or inf) is an error."""
+    if img.mode != "F":
+        return 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+    if not np.isfinite(arr).all():
+        raise DecodeError("float image has NaN or infinite pixel values")
+    low, high = float(arr.min()), float(arr.max())
+    if low < 0 or high > 255:
+        raise DecodeError(f"float image values {low:g}..{high:g} are neither within [0, 1] nor [0, 255]")
+    return 1.0 if high <= 1 else 255.0
+
+
 def _to_rgb_array(img: Image.Image) -> np.ndarray:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit (or 32-bit int) grey: scale, don't clip
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit, int or float grey: scale, don't clip
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        grey = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        grey = np.clip(arr / _full_scale(img, arr) * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
@@ -210,13 +334,24 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
 
 
 def square_crop(img: Image.Image, size: int, resample) -> Image.Image:
-    """Resize the shorter side to `size`, then take the centre `size` x `size` crop."""
+    """The centre `size` x `size` crop of the image resized to `size` on its shorter side.
+
+    An image at most twice as long as it is wide is resized whole, then cropped. Of a longer one only
+    the crop is resampled (from the source region it covers: PIL's `box`), so that the cost stays
+    bounded by `size` whatever the aspect ratio (an 8x100000 PNG resized whole to 224 px would be
+    224x2.8M pixels, 1.9 GB); the two ways differ by a few levels of 255 (PIL rounds between its two
+    passes, in an order of its choosing). Either way the geometry is what `pseudo_masks.crop_cells`
+    inverts.
+    """
     w, h = img.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), resample=resample)
     left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    if max(nw, nh) <= 2 * size:
+        return img.resize((nw, nh), resample=resample).crop((left, top, left + size, top + size))
+    sx, sy = nw / w, nh / h
+    return img.resize((size, size), resample=resample,
+                      box=(left / sx, top / sy, (left + size) / sx, (top + size) / sy))
 
 
 def decode_image(data: bytes, image_size: int) -> np.ndarray:
@@ -233,19 +368,44 @@ def decode_mask(data: bytes, image_wh: tuple[int, int], map_size: int, foregroun
 
     `image_wh` is the image's original (width, height): a mask of another size is rejected.
     """
-    img = _open(data, "mask")
-    if img.size != tuple(image_wh):
-        raise DecodeError(f"mask size {img.size[0]}x{img.size[1]} differs from image size "
+    fg = mask_foreground(data, foreground)
+    if fg.shape[::-1] != tuple(image_wh):
+        raise DecodeError(f"mask size {fg.shape[1]}x{fg.shape[0]} differs from image size "
                           f"{image_wh[0]}x{image_wh[1]}")
-    arr = np.asarray(img if img.mode in ("L", "P", "I", "I;16", "1") else img.convert("L"))
-    if arr.ndim == 3:
-        arr = arr[..., 0]
-    fg = arr != 0
-    if foreground == "nonzero_not_255":
-        fg &= arr != 255
     crop = square_crop(Image.fromarray(fg.astype(np.uint8) * 255), map_size, Image.BILINEAR)
     return (np.asarray(crop) >= 128).astype(np.uint8)
 
 
+def mask_foreground(data: bytes, foreground: str) -> np.ndarray:
+    """Mask file bytes -> bool (H, W): the foreground as `dataset.mask_foreground` defines it.
+
+    A grey, palette (its indices), 16-bit, int or float mask: where the value is not 0 (and, with
+    nonzero_not_255, not 255, the VOC object border). A colour mask: where any channel is not 0 (so
+    (1, 0, 0) is foreground; with nonzero_not_255, not where all are 255). A mask with an alpha channel
+    that varies: transparent pixels are background, and where the colour marks nothing that is opaque
+    (a shape in alpha only, or drawn in black), the opaque pixels are the foreground. Raises DecodeError.
+    """
+    img = _open(data, "mask")
+    alpha = None
+    if img.mode in ("LA", "RGBA"):
+        arr = np.asarray(img)
+        values, alpha = arr[..., :-1], arr[..., -1]
+    else:
+        if img.mode not in ("1", "L", "P", "I", "F", "RGB") and not img.mode.startswith("I;16"):
+            img = img.convert("RGB")
+        values = np.asarray(img)
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise DecodeError("float mask has NaN or infinite values")
+    values = values.reshape(values.shape[0], values.shape[1], -1)
+    fg = (values != 0).any(axis=2)
+    if foreground == "nonzero_not_255":
+        fg &= ~(values == 255).all(axis=2)
+    if alpha is not None and alpha.min() != alpha.max():
+        opaque = alpha != 0
+        fg = fg & opaque if (fg & opaque).any() else opaque
+    return fg
+
+
 def image_size_of(data: bytes) -> tuple[int, int]:
-    return _open(data, "image").size
+    """An image's (width, height) as stored, from its header (a big JPEG decodes smaller, see `_open`)."""
+    return _open(data, "image", load=False).size

@@ -17,6 +17,11 @@ class ClusterError(RuntimeError):
     """The cluster did not provide what the run needs (e.g. no slot placed in time); one line for the user."""
 
 
+class RunFailed(RuntimeError):
+    """A step of a run could not finish (e.g. the report could not be written: a full disk); one line for the
+    user, and run.json says `failed` with it."""
+
+
 def suggest(word: str, valid: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest valid name, else ' (valid: a, b, c)'."""
     valid = list(valid)

@@ -10,6 +10,7 @@ bad value is one `SpecError` line naming the key. `describe(cls)` lists the fiel
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import field
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -71,6 +72,10 @@ def coerce(value: Any, typ: Any, where: str) -> Any:
             raise SpecError(f"{where}: expected {'an integer' if typ is int else 'a number'}, got {value!r}") from None
         if typ is int and float(value) != out:
             raise SpecError(f"{where}: expected an integer, got {value!r}")
+        if typ is int and not -2**63 <= out < 2**63:  # what every stored int64 column and torch can hold
+            raise SpecError(f"{where}: expected an integer within 64 bits, got {value!r}")
+        if typ is float and not math.isfinite(out):  # NaN passes every bound check; inf is no setting
+            raise SpecError(f"{where}: expected a finite number, got {value!r}")
         return out
     if typ is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

@@ -4,6 +4,8 @@ into the same root at once.
 The lease is `_lease.json` in the run root: holder (host, pid, run id) and expiry time. A
 live run renews it in the background; a crashed run's lease simply expires. A run that
 finds a live lease held by another refuses with a message naming the holder and expiry.
+run.json names the holder too (`driver`), so `status` tells a run that is still going from one
+whose driver was killed (`holds`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,27 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")
 
 
+def read_lease(store: Store) -> dict | None:
+    try:
+        return store.read_json(LEASE_FILE)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def live(held: dict | None) -> bool:
+    """A lease that still counts: unexpired, and not left by a dead process on this host."""
+    if not held or held.get("expires_at", 0) <= time.time():
+        return False
+    return held.get("host") != socket.gethostname() or _pid_alive(int(held.get("pid", -1)))
+
+
+def holds(store: Store, run_id: str | None) -> bool:
+    """Whether the run `run_id` (None: any run) holds the run root's lease and is alive, as far as can be told:
+    its lease is unexpired and, on this host, its process is running."""
+    held = read_lease(store)
+    return live(held) and (run_id is None or held.get("run_id") == run_id)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -47,10 +70,7 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def _current(self) -> dict | None:
-        try:
-            return self.store.read_json(LEASE_FILE)
-        except (FileNotFoundError, ValueError):
-            return None
+        return read_lease(self.store)
 
     def _write(self) -> None:
         now = time.time()
@@ -58,12 +78,9 @@ class Lease:
                                            "expires": _iso(now + self.ttl)})
 
     def _live(self, held: dict | None) -> bool:
-        """A foreign lease that still counts: unexpired, and not left by a dead process on this host."""
-        if not held or held.get("run_id") == self.holder["run_id"] or held.get("expires_at", 0) <= time.time():
-            return False
-        if held.get("host") == self.holder["host"] and not _pid_alive(int(held.get("pid", -1))):
-            return False  # its run crashed on this very machine: no need to wait for the expiry
-        return True
+        """A foreign lease that still counts (a run that crashed on this very machine does not: no need to
+        wait for its expiry)."""
+        return live(held) and held.get("run_id") != self.holder["run_id"]
 
     def acquire(self) -> None:
         held = self._current()

@@ -1,7 +1,8 @@
 """Which timm architectures exist, checked without importing timm on `validate`'s path.
 
-Importing timm takes seconds (it imports torch, torchvision and every model module); a spec of
-80 pretrained members needs only their names. timm's registry of names is listed once per
+Importing timm takes seconds (it imports torch, torchvision and every model module); a misspelled
+name among 80 members is refused before it (timm is imported later only for what needs it: the
+pretrained tags' sources, checkpoints). timm's registry of names is listed once per
 installed timm version into the cache (`$RAY_CONSENSUS_CACHE`, default ~/.cache/ray-consensus)
 and read from there afterwards; a name not in the list is looked up in timm itself before it
 is refused, so a stale or hand-edited list can only cost time, never refuse a real name.

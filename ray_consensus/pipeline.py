@@ -43,7 +43,7 @@ from ray_consensus.contract import ImageRef, attributions_file, encode_attributi
 from ray_consensus.errors import ClusterError
 from ray_consensus.units import Unit
 from ray_consensus.schedule import Schedule
-from ray_consensus.storage import Store, read_uri_bytes
+from ray_consensus.storage import Store
 from ray_consensus.units import fingerprint
 
 
@@ -110,7 +110,7 @@ class DecodeShard:
         self.ctx = ctx
 
     def decode(self, task: ShardTask) -> DecodedShard:
-        from ray_consensus.data import DecodeError, decode_image, decode_mask, image_size_of
+        from ray_consensus.data import DecodeError, decode_image, decode_mask, image_size_of, read_input
         from ray_consensus.superpixels import segment
 
         spec, seg_params = self.ctx.spec, self.ctx.segmentation
@@ -118,20 +118,18 @@ class DecodeShard:
         good, images, masks, segments, errors = [], [], [], [], []
         for item in task.images:
             try:
-                data = read_uri_bytes(item.uri, spec.storage)
+                data = read_input(item.uri, spec.storage, "image")
                 image = decode_image(data, size)
-            except (FileNotFoundError, DecodeError) as e:
-                errors.append(_error(item, "decode", e, "image"))
+            except DecodeError as e:
+                errors.append(_error(item, "decode", e))
                 continue
             mask = None
             if item.mask_uri is not None:  # the data set has masks: every image should have one
                 try:
-                    if not item.mask_uri:
-                        raise DecodeError("no mask file for this image")
-                    mask = decode_mask(read_uri_bytes(item.mask_uri, spec.storage), image_size_of(data),
+                    mask = decode_mask(read_input(item.mask_uri, spec.storage, "mask"), image_size_of(data),
                                        map_size, spec.dataset.mask_foreground)
-                except (FileNotFoundError, DecodeError) as e:
-                    errors.append(_error(item, "mask", e, "mask"))
+                except DecodeError as e:
+                    errors.append(_error(item, "mask", e))
             good.append(item)
             images.append(image)
             masks.append(mask)
@@ -146,9 +144,8 @@ class DecodeShard:
         return DecodedShard(task, good, stacked, seg)
 
 
-def _error(item: ImageRef, stage: str, e: Exception, what: str) -> dict:
-    reason = f"{what} file not found" if isinstance(e, FileNotFoundError) else str(e)
-    return {"image_id": item.image_id, "uri": item.uri, "stage": stage, "reason": reason}
+def _error(item: ImageRef, stage: str, e: Exception) -> dict:
+    return {"image_id": item.image_id, "uri": item.uri, "stage": stage, "reason": str(e)}
 
 
 def on_grid(segments: np.ndarray, map_size: int) -> np.ndarray:
@@ -296,16 +293,27 @@ class Slot:
             self.device.type == "cuda" else contextlib.nullcontext()
         by_label = self.ctx.spec.method.target == "label"
         with precision:
-            pred = None
+            logits = None
             if not by_label or not member.explainer.returns_logits:
                 with torch.no_grad():
-                    pred = member.model(member.preprocess(x)).argmax(dim=1)
-            out = member.explainer.explain(member.model, member.preprocess, x, labels if by_label else pred, seg,
-                                           seeds)
-        logits = out.pop("logits", None)
-        pred = logits.argmax(dim=1) if pred is None else pred
+                    logits = member.model(member.preprocess(x))
+            out = member.explainer.explain(member.model, member.preprocess, x,
+                                           labels if by_label else logits.argmax(dim=1), seg, seeds)
+        returned = out.pop("logits", None)
+        logits = returned if logits is None else logits
         out["map"] = resample_maps(out["map"].float(), self.ctx.spec.run.map_size)
-        return {k: v.detach().float().cpu().numpy() for k, v in out.items()}, pred.cpu().numpy()
+        out = {k: v.detach().float().cpu().numpy() for k, v in out.items()}
+        return out, finite_only(logits.detach().float().cpu().numpy(), out["map"])
+
+
+def finite_only(logits: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    """A batch's predictions from its logits (B, C), -1 where they are not finite; `maps` (B, M, M) of
+    images whose logits or map are not finite are set all NaN, in place (the stored mark the reducer
+    leaves out of the vote and records in errors/; a NaN weight in a member poisons every image)."""
+    finite = np.isfinite(logits).all(axis=1)
+    pred = np.where(finite, logits.argmax(axis=1), -1).astype(np.int64)
+    maps[~finite | ~np.isfinite(maps).reshape(len(maps), -1).all(axis=1)] = np.nan
+    return pred
 
 
 # ---------------------------------------------------------------- the driver's dispatcher
@@ -329,10 +337,11 @@ class Window:
 class Dispatcher:
     """Keeps every placed slot busy with (member, shards of a window) items until all are done."""
 
-    def __init__(self, ctx: StageContext, tasks: list[ShardTask], on_shard=None, progress=None):
+    def __init__(self, ctx: StageContext, tasks: list[ShardTask], on_shard=None, progress=None, on_images=None):
         import ray
 
         self.ctx, self.on_shard, self.progress = ctx, on_shard, progress or (lambda msg: None)
+        self.on_images = on_images or (lambda n: None)
         s = ctx.schedule
         order = [m.id for m in ctx.spec.committee]
         size = s.window_shards or len(tasks)
@@ -436,10 +445,12 @@ class Dispatcher:
                           f"{time.time() - started:.1f} s")
 
     def shard_done(self, w: Window, done: ShardDone, model_id: str | None) -> None:
+        task = next(t for t in w.tasks if t.shard == done.shard)
+        if model_id is not None:
+            self.on_images(len(task.images))  # a member's unit of the shard: its images, failed ones included
         left = w.left[done.shard]
         left.discard(model_id)
         if not left and self.on_shard:
-            task = next(t for t in w.tasks if t.shard == done.shard)
             self.on_shard(ShardDone(done.shard, done.n_images, done.n_errors, sorted(task.attributions)))
 
     def unplaced_message(self, waited: float) -> str:
@@ -449,12 +460,14 @@ class Dispatcher:
                 f"not provide them; check `ray status`, or lower resources.num_gpus / raise resources.slot_wait_s")
 
 
-def run_attributions(ctx: StageContext, tasks: list[ShardTask], on_shard=None, progress=None) -> dict:
+def run_attributions(ctx: StageContext, tasks: list[ShardTask], on_shard=None, progress=None,
+                     on_images=None) -> dict:
     """Compute the tasks' units on the schedule's slots; `on_shard(ShardDone)` is called for each shard as
-    soon as all its units are written. Returns timings: wall seconds and every member load."""
+    soon as all its units are written, `progress(line)` as each member finishes a window, `on_images(n)`
+    as each unit is written (n: its shard's images). Returns timings: wall seconds and every member load."""
     quiet_ray_data()
     t0 = time.time()
-    dispatcher = Dispatcher(ctx, tasks, on_shard, progress)
+    dispatcher = Dispatcher(ctx, tasks, on_shard, progress, on_images)
     dispatcher.run()
     loads = [s for _, s in dispatcher.loads]
     return {"attributions_s": round(time.time() - t0, 3), "member_loads": len(loads),
@@ -462,7 +475,7 @@ def run_attributions(ctx: StageContext, tasks: list[ShardTask], on_shard=None, p
 
 
 def quiet_ray_data() -> None:
-    """Our own lines are the progress: no Ray Data bars or execution banners."""
+    """Our own lines are the progress: no Ray Data bars, execution banners or warnings (its errors stay)."""
     import logging
 
     from ray.data import DataContext
@@ -471,4 +484,4 @@ def quiet_ray_data() -> None:
     data_ctx.enable_progress_bars = False
     data_ctx.print_on_execution_start = False
     data_ctx.issue_detectors_config.detectors = []  # its memory hints misread the models' one-off load
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)

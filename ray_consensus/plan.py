@@ -4,12 +4,14 @@ A unit is a folder of the run root written whole, with a marker `_done-<fingerpr
 `units`). Its fingerprint hashes exactly what its content is computed from, so comparing it
 with the stored marker decides whether the unit is recomputed. The rule (also in the README):
 
-    inputs of shard s        the shard's images (image_id, uri, label, mask_uri), run.image_size,
-                             run.map_size, dataset.mask_foreground; for explainers with superpixels
-                             (LIME) the explainer's parameters
-    attributions (m, s)      member m's id, arch, weights and kwargs; the explainer's name and every
-                             parameter; method.target, method.seed, run.map_dtype; resources.autocast
-                             unless it is none (float32); and the inputs fingerprint of s
+    inputs of shard s        the shard's images (image_id, uri, label, mask_uri, version: what the image
+                             file and its mask are, from the listing), run.image_size, run.map_size,
+                             dataset.mask_foreground; for explainers with superpixels (LIME) the
+                             explainer's parameters
+    attributions (m, s)      member m's id, arch, weights and kwargs, and a checkpoint's content (its
+                             SHA-256, or its ETag on S3); the explainer's name and every parameter;
+                             method.target, method.seed, run.map_dtype; resources.autocast unless it
+                             is none (float32); and the inputs fingerprint of s
     reduce unit of s         each member's attribution fingerprint, the method options but
                              method.bootstrap and method.permutations (table options), the
                              robustness sub-committees, and the reduce unit's contract version
@@ -19,14 +21,20 @@ rounding (resources.batch_size and committee[].batch_size, actors, GPUs, CPUs, c
 SmoothGrad's noise is drawn per image, so batching does not change it), where the results go
 (storage), and what the report shows (run.gallery). run.shard_size is fixed per run root by
 its manifest. `tests/test_plan.py` states the rule change by change.
+
+A run root whose manifest.parquet has no `version` column (written before versions were kept) holds
+units fingerprinted without the images' versions and checkpoints' contents: a unit whose marker
+carries that older fingerprint is taken as computed from the content seen now, and `Plan.adopt`
+rewrites its marker with the current one (so from then on a change of content is noticed).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -35,8 +43,13 @@ import pandas as pd
 from ray_consensus.config import RunSpec
 from ray_consensus.contract import ImageRef, read_stored_manifest
 from ray_consensus.data import Manifest, assign_shards
-from ray_consensus.storage import Store
-from ray_consensus.units import Unit, attributions_dir, completed_later, shard_dir
+from ray_consensus.storage import Store, content_version
+from ray_consensus.units import MARKER, Listing, Unit, attributions_dir, completed_later, shard_dir
+
+# The manifest columns each image contributes to its shard's inputs fingerprint; run roots written
+# before versions were kept fingerprinted the first four.
+CONTENT_COLUMNS = ("image_id", "uri", "label", "mask_uri", "version")
+UNVERSIONED_COLUMNS = CONTENT_COLUMNS[:4]
 
 
 @dataclass
@@ -63,6 +76,16 @@ class Plan:
     shards: dict[int, ShardPlan]       # in shard order
     subsets: list                      # robustness sub-committees: (k, trial, member indices)
     _rows: dict[int, tuple[int, int]]  # shard -> its row range in `manifest`
+    adopted: list = field(default_factory=list)  # (folder, old marker suffix, new one): see the docstring
+    gone: list = field(default_factory=list)     # shards the run root holds that left the plan (`units.remove_shards`)
+
+    def adopt(self, store: Store) -> None:
+        """Rewrite the markers of the units taken over from a run root written before versions were kept
+        (their marker carries the fingerprint without versions) with the current fingerprint: the new
+        marker first, then the old one goes."""
+        for folder, old, new in self.adopted:
+            store.write_bytes(f"{folder}/{MARKER}{new}", b"")
+            store.delete(f"{folder}/{MARKER}{old}")
 
     @property
     def shard_ids(self) -> list[int]:
@@ -96,6 +119,9 @@ class Plan:
             "attribution_units": len(self.shards) * len(spec.committee),
             "attribution_units_to_compute": sum(k for _, k in todo),
             "reduce_units_to_compute": len(self.to_reduce()),
+            "damaged_units": sum(not u.intact for p in self.shards.values()
+                                 for u in (p.inputs, p.reduce, *p.attributions.values())),
+            "shards_to_remove": len(self.gone),
             "forward_passes": todo_images * (fwd + 1), "backward_passes": todo_images * bwd,
         }
 
@@ -104,7 +130,7 @@ def robustness_sizes(spec: RunSpec) -> list[int]:
     """Sub-committee sizes of the robustness table: the spec's, else up to 5 sizes from 3 to K-1."""
     k = len(spec.committee)
     if spec.method.robustness_sizes:
-        return [int(s) for s in spec.method.robustness_sizes]
+        return list(spec.method.robustness_sizes)
     return sorted({s for s in np.linspace(3, k - 1, num=min(5, max(k - 3, 0))).round().astype(int)} if k > 3
                   else set())
 
@@ -159,18 +185,28 @@ def inputs_recipe(spec: RunSpec) -> _Recipe:
                    params.as_dict() if params.needs_segments else None)
 
 
-def attribution_recipe(spec: RunSpec, member) -> _Recipe:
+def attribution_recipe(spec: RunSpec, member, weights_content: str = "") -> _Recipe:
+    """`weights_content`: what the member's checkpoint holds (`weights_content`; '' for none)."""
     precision = [spec.resources.autocast] if spec.resources.autocast != "none" else []
+    content = [{"weights_content": weights_content}] if weights_content else []
     return _Recipe("attr", member.id, member.arch, member.weights, member.kwargs, spec.explainer.name,
                    spec.explainer.params.as_dict(), spec.method.target, spec.method.seed, spec.run.map_dtype,
-                   _Recipe._HOLE, *precision)
+                   _Recipe._HOLE, *precision, *content)
+
+
+def weights_content(spec: RunSpec, member) -> str:
+    """What a member's checkpoint holds (`storage.content_version`); '' for pretrained and random weights
+    (timm's hub names its weights; random ones are seeded from the member)."""
+    return "" if member.weights in ("pretrained", "random") else content_version(member.weights, spec.storage)
 
 
 # The method options a reduced shard depends on (bootstrap and permutations are table options).
 REDUCE_OPTIONS = ("target", "voted", "normalise", "vote", "similarity", "leave_one_out", "robustness_sizes",
                   "robustness_trials", "seed")
-# Bumped when a reduce unit gains or changes files: 2 added aggregates/ and tables/images/ (0.2.0).
-REDUCE_CONTRACT = 2
+# Bumped when a reduce unit gains or changes files: 2 added aggregates/ and tables/images/ (0.2.0); 3 votes
+# on finite maps only (errors/shard=N/attribution.parquet, n_nonfinite, n_predicted) and scores the
+# consensus as stored (float32).
+REDUCE_CONTRACT = 3
 
 
 def reduce_recipe(spec: RunSpec, subsets: list) -> _Recipe:
@@ -179,22 +215,15 @@ def reduce_recipe(spec: RunSpec, subsets: list) -> _Recipe:
                    {"contract": REDUCE_CONTRACT})
 
 
-def _shard_contents(table: pd.DataFrame) -> list[str]:
-    """Each row's (image_id, uri, label, mask_uri) as the JSON list of strings the inputs recipe hashes:
-    exactly `json.dumps` of the row of `astype(str)` values (missing values stay NaN), built a column
-    at a time (a million rows in about a second)."""
-    text = table[["image_id", "uri", "label", "mask_uri"]].astype(str)
-    tokens = []
-    for col in text.columns:
-        inner, quoted = _json_strings(text[col].to_numpy(dtype=object))
-        tokens.append((inner, quoted))
-    (a, qa), (b, qb), (c, qc), (d, qd) = tokens
-    if qa and qb and qc and qd:
-        return [f'["{w}", "{x}", "{y}", "{z}"]' for w, x, y, z in zip(a, b, c, d)]
-    if qa and qb and qc:
-        return [f'["{w}", "{x}", "{y}", {z}]' for w, x, y, z in zip(a, b, c, d)]
-    a, b, c, d = ([f'"{v}"' for v in items] if quoted else items for items, quoted in tokens)
-    return [f"[{w}, {x}, {y}, {z}]" for w, x, y, z in zip(a, b, c, d)]
+def _shard_contents(table: pd.DataFrame, columns=CONTENT_COLUMNS) -> list[str]:
+    """Each row's `columns` (image_id, uri, label, mask_uri, version) as the JSON list of strings the
+    inputs recipe hashes: exactly `json.dumps` of the row of `astype(str)` values (missing values stay
+    NaN), built a column at a time (a million rows in about a second)."""
+    text = table[list(columns)].astype(str)
+    tokens = [_json_strings(text[col].to_numpy(dtype=object)) for col in text.columns]
+    # One format per row, quoting the columns whose items come without quotes (as fast as an f-string).
+    row = "[" + ", ".join('"{}"' if quoted else "{}" for _, quoted in tokens) + "]"
+    return list(itertools.starmap(row.format, zip(*(items for items, _ in tokens))))
 
 
 def _json_strings(values: np.ndarray) -> tuple[list[str], bool]:
@@ -217,13 +246,14 @@ def _json_strings(values: np.ndarray) -> tuple[list[str], bool]:
 # ---------------------------------------------------------------- the plan
 
 def make_plan(spec: RunSpec, store: Store, manifest: Manifest, force: bool = False,
-              listing: Callable[[], dict[str, str]] | None = None) -> Plan:
+              listing: Callable[[], Listing] | None = None) -> Plan:
     """The plan of `spec` over the data set's manifest and what the run root holds (`force`: as if it
     held nothing; `listing`: the run root's complete units, `units.completed_later` started earlier,
     else listed here while the fingerprints are hashed). Images keep the shard the run root's manifest
-    gave them; new ones fill new shards."""
-    listing = (lambda: {}) if force else listing or completed_later(store)
-    previous = read_stored_manifest(store, columns=["image_id", "shard"])
+    gave them; new ones fill new shards. A unit whose files are not those its marker vouches for
+    (`Listing.damaged`) is to compute; shards the run root holds outside the plan are `Plan.gone`."""
+    listing = Listing if force else listing or completed_later(store)
+    previous, versioned = _stored_manifest(store)
     table = assign_shards(manifest.table, previous, spec.run.shard_size)
     shard_col = table["shard"].to_numpy()
     ids = np.unique(shard_col)
@@ -233,8 +263,52 @@ def make_plan(spec: RunSpec, store: Store, manifest: Manifest, force: bool = Fal
     subsets = subcommittees(len(spec.committee), robustness_sizes(spec), spec.method.robustness_trials,
                                spec.method.seed)
 
-    contents = _shard_contents(table)
-    inputs_fp, attr_recipes = inputs_recipe(spec), [attribution_recipe(spec, m) for m in spec.committee]
+    weights = [weights_content(spec, m) for m in spec.committee]
+    fingerprints = _fingerprints(spec, table, rows, subsets, CONTENT_COLUMNS, weights)
+    # A run root written before versions were kept: its units carry the fingerprints without them.
+    unversioned = (_fingerprints(spec, table, rows, subsets, UNVERSIONED_COLUMNS, [""] * len(weights))
+                   if previous is not None and not versioned and not force else None)
+
+    done = listing()
+    damaged = done.damaged
+    shards = {}
+    prefixes = [(m.id, attributions_dir(m.id, 0)[:-5]) for m in spec.committee]
+    for s, (ifp, attr, rfp) in fingerprints.items():
+        suffix = f"{s:05d}"  # attributions_dir(model_id, s), without formatting it 300,000 times
+        units = {model_id: Unit(prefix + suffix, fp, done.get(prefix + suffix), prefix + suffix not in damaged)
+                 for (model_id, prefix), fp in zip(prefixes, attr)}
+        inputs_dir, reduce_dir = shard_dir("inputs", s), shard_dir("consensus", s)
+        shards[s] = ShardPlan(s, Unit(inputs_dir, ifp, done.get(inputs_dir), inputs_dir not in damaged), units,
+                              Unit(reduce_dir, rfp, done.get(reduce_dir), reduce_dir not in damaged))
+    adopted = _adopt(shards, unversioned) if unversioned is not None else []
+    return Plan(table, shards, subsets, rows, adopted, gone=_gone(previous, done, rows))
+
+
+def _gone(previous: pd.DataFrame | None, done: Listing, rows: dict) -> list[int]:
+    """Shards the run root holds (in its manifest, or with a unit's marker) that are not in the plan: every
+    image of theirs left the data set (new images fill new shards after the last one in the plan)."""
+    held = set() if previous is None else {int(s) for s in np.unique(previous["shard"].to_numpy())}
+    held |= {int(k) for k in {folder.rpartition("=")[2] for folder in done} if k.isdigit()}
+    return sorted(held - set(rows))
+
+
+def _stored_manifest(store: Store) -> tuple[pd.DataFrame | None, bool]:
+    """The run root's (image_id, shard) rows (None before the first run) and whether it kept versions."""
+    import pyarrow as pa
+
+    try:
+        return read_stored_manifest(store, columns=["image_id", "shard", "version"]), True
+    except pa.ArrowInvalid:  # no `version` column: written before versions were kept
+        return read_stored_manifest(store, columns=["image_id", "shard"]), False
+
+
+def _fingerprints(spec: RunSpec, table: pd.DataFrame, rows: dict[int, tuple[int, int]], subsets: list,
+                  columns: tuple[str, ...], weights: list[str]) -> dict[int, tuple[str, list[str], str]]:
+    """shard -> (inputs fingerprint, one attribution fingerprint per member, reduce fingerprint), the
+    images hashed by `columns`, the members' checkpoints by `weights` (their content)."""
+    contents = _shard_contents(table, columns)
+    inputs_fp = inputs_recipe(spec)
+    attr_recipes = [attribution_recipe(spec, m, w) for m, w in zip(spec.committee, weights)]
     reduce_fp = reduce_recipe(spec, subsets)
     member_json = [json.dumps(m.id) for m in spec.committee]
     fingerprints = {}
@@ -244,15 +318,24 @@ def make_plan(spec: RunSpec, store: Store, manifest: Manifest, force: bool = Fal
         attr = [recipe(ifp_json) for recipe in attr_recipes]
         pairs = ", ".join(f'[{mj}, "{fp}"]' for mj, fp in zip(member_json, attr))
         fingerprints[s] = ifp, attr, reduce_fp(f"[{pairs}]")
+    return fingerprints
 
-    done = listing()
-    shards = {}
-    prefixes = [(m.id, attributions_dir(m.id, 0)[:-5]) for m in spec.committee]
-    for s, (ifp, attr, rfp) in fingerprints.items():
-        suffix = f"{s:05d}"  # attributions_dir(model_id, s), without formatting it 300,000 times
-        units = {model_id: Unit(prefix + suffix, fp, done.get(prefix + suffix))
-                 for (model_id, prefix), fp in zip(prefixes, attr)}
-        inputs_dir, reduce_dir = shard_dir("inputs", s), shard_dir("consensus", s)
-        shards[s] = ShardPlan(s, Unit(inputs_dir, ifp, done.get(inputs_dir)), units,
-                              Unit(reduce_dir, rfp, done.get(reduce_dir)))
-    return Plan(table, shards, subsets, rows)
+
+def _adopt(shards: dict[int, ShardPlan], unversioned: dict) -> list[tuple[str, str, str]]:
+    """Units whose marker carries their fingerprint without versions count as done (see the module's
+    docstring); returns (folder, its marker's suffix, the suffix with the current fingerprint) for
+    `Plan.adopt`."""
+    adopted = []
+
+    def take(unit: Unit, old: str) -> Unit:
+        if unit.intact and unit.stored is not None and unit.stored.partition(".")[0] == old != unit.fingerprint:
+            suffix = unit.fingerprint + unit.stored[len(old):]  # the sizes the marker records stay
+            adopted.append((unit.folder, unit.stored, suffix))
+            return unit._replace(stored=suffix)
+        return unit
+
+    for s, p in shards.items():
+        ifp, attr, rfp = unversioned[s]
+        p.inputs, p.reduce = take(p.inputs, ifp), take(p.reduce, rfp)
+        p.attributions = {m: take(u, fp) for (m, u), fp in zip(p.attributions.items(), attr)}
+    return adopted

@@ -30,6 +30,7 @@ import pyarrow as pa
 from PIL import Image
 
 from ray_consensus.contract import read_consensus, read_run, read_stored_manifest
+from ray_consensus.data import image_size_of, mask_foreground
 from ray_consensus.errors import SpecError
 from ray_consensus.storage import Store, open_store, read_uri_bytes
 
@@ -119,22 +120,12 @@ def _png(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _truth(data: bytes, foreground: str) -> np.ndarray:
-    arr = np.asarray(Image.open(io.BytesIO(data)))
-    arr = arr[..., 0] if arr.ndim == 3 else arr
-    fg = arr != 0
-    return fg & (arr != 255) if foreground == "nonzero_not_255" else fg
-
-
 def export_masks(run_root: str, out: str, rule: MaskRule = MaskRule(), progress=None) -> dict:
     """Write OUT/masks/<image_id>.png for every voted image of the run, OUT/masks.parquet and .csv (one row
     per mask: image_id, uri, mask_file, width, height, foreground, iou) and OUT/summary.json; returns
     the summary (rule, counts, mean IoU where the data set has masks)."""
     store = open_store(run_root)
-    try:
-        run = read_run(store)
-    except FileNotFoundError:
-        raise SpecError(f"no run at {store.root} (run.json not found)") from None
+    run = read_run(store)
     spec = run.spec
     target: Store = open_store(out, spec.storage)
     target.check_writable()
@@ -146,14 +137,15 @@ def export_masks(run_root: str, out: str, rule: MaskRule = MaskRule(), progress=
         for r in cons.itertuples():
             side = int(r.height)
             data = read_uri_bytes(r.uri, spec.storage)
-            width, height = Image.open(io.BytesIO(data)).size
+            width, height = image_size_of(data)
             mask = to_original(binary_mask(np.asarray(r.consensus).reshape(side, side), rule), width, height,
                                spec.run.image_size)
             rel = f"masks/{r.image_id}.png"
             target.write_bytes(rel, _png(mask))
             score = math.nan
             if isinstance(r.mask_uri, str) and r.mask_uri:
-                score = iou(mask, _truth(read_uri_bytes(r.mask_uri, spec.storage), spec.dataset.mask_foreground))
+                truth = mask_foreground(read_uri_bytes(r.mask_uri, spec.storage), spec.dataset.mask_foreground)
+                score = iou(mask, truth)
             rows.append({"image_id": r.image_id, "uri": r.uri, "mask_file": rel, "width": width, "height": height,
                          "foreground": float(np.mean(mask[mask != IGNORE] == 1)) if np.any(mask != IGNORE) else 0.0,
                          "iou": score})

@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 
 CONSENSUS_ID = "consensus"
 MAP_CMAP = "viridis"  # perceptually uniform, readable in grey and by colour-blind readers
-MODEL_COLUMNS = ("model_id", "arch", "accuracy", "n_images", "n_voted", "consensus_score",
+MODEL_COLUMNS = ("model_id", "arch", "accuracy", "n_images", "n_voted", "n_nonfinite", "consensus_score",
                  "ap", "roc_auc", "pointing_game")
 METHOD_NAMES = {"spearman": "Spearman ρ", "pearson": "Pearson r", "kendall": "Kendall τ"}
 # Charts are saved by Figure.savefig to PNG (the Agg renderer; pyplot is never imported),
@@ -86,7 +86,7 @@ def render_report(models: pd.DataFrame, correlations: pd.DataFrame,
     robustness = robustness if robustness is not None else pd.DataFrame()
     sections = [
         _summary_section(members, run_info),
-        _section("Models", _models_table(table)),
+        _section("Models", _models_table(table) + _nonfinite_note(members)),
         _section("Consensus score vs accuracy",
                  _scatter_figure(members, correlations)
                  + _table(correlations, _CORRELATION_FORMATS, "correlations")),
@@ -219,9 +219,19 @@ _CORRELATION_FORMATS = {"x": "auto", "y": "auto", "method": "auto", "coefficient
 def _models_table(table: pd.DataFrame) -> str:
     known = [c for c in MODEL_COLUMNS if c in table.columns]
     extra = [c for c in table.columns if c not in MODEL_COLUMNS]
-    formats = {c: ("int" if c in ("n_images", "n_voted") else "auto") for c in known + extra}
+    formats = {c: ("int" if c in ("n_images", "n_voted", "n_nonfinite") else "auto") for c in known + extra}
     reference_rows = (table["model_id"].astype(str) == CONSENSUS_ID).to_numpy()
     return _table(table, formats, "models", reference_rows)
+
+
+def _nonfinite_note(members: pd.DataFrame) -> str:
+    """Members whose logits or maps were not finite (NaN or inf: e.g. broken weights), left out of the vote."""
+    if "n_nonfinite" not in members or not (members["n_nonfinite"] > 0).any():
+        return ""
+    parts = [f"{m}: every map" if n == total else f"{m}: {n} of {total} maps"
+             for m, n, total in zip(members["model_id"], members["n_nonfinite"], members["n_images"]) if n > 0]
+    return _note("Non-finite logits or maps (NaN or inf), left out of the vote and listed in errors/ — "
+                 + "; ".join(parts) + ".", "nonfinite-note")
 
 
 def _table(frame: pd.DataFrame, formats: dict[str, str], table_id: str,

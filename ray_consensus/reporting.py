@@ -14,6 +14,7 @@ import pandas as pd
 from ray_consensus import consensus as cm
 from ray_consensus.contract import (IMAGES_TABLE, StoredRun, read_consensus, read_maps, read_run, read_scores,
                                     read_stored_manifest)
+from ray_consensus.errors import SpecError
 from ray_consensus.report import GalleryItem, render_report
 from ray_consensus.storage import Store, read_uri_bytes
 
@@ -22,6 +23,9 @@ def write_report(store: Store) -> str:
     """Render report/index.html from the run root's tables, a gallery of sample images and the most
     disputed images; returns its URI."""
     run = read_run(store)
+    if not store.exists("tables/models.parquet"):
+        raise SpecError(f"no tables at {store.root} (run.json says {run.info.get('status')!r}): a report needs a "
+                        f"finished run; `ray-consensus status {store.root}` shows what is missing")
     tables = {name: store.read_parquet(f"tables/{name}.parquet").to_pandas() if store.exists(
         f"tables/{name}.parquet") else None for name in ("models", "correlations", "robustness")}
     summary = {**run.info, "explainer": run.info["spec"]["explainer"], "created": run.info.get("updated")}
@@ -44,6 +48,8 @@ def gallery_items(store: Store, run: StoredRun, max_shards: int = 8) -> list[Gal
         voted.append(cons[cons["voted"]].assign(shard=int(s)))
         if sum(len(v) for v in voted) >= want and pd.concat(voted)["label"].nunique() >= want:
             break
+    if not voted:  # a run without images
+        return []
     voted = pd.concat(voted, ignore_index=True)
     first = ~voted["label"].duplicated()
     chosen = pd.concat([voted[first], voted[~first]]).head(want)

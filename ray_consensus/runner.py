@@ -11,8 +11,8 @@ grown data set only its new shards.
 
 from __future__ import annotations
 
+import contextlib
 import platform
-import sys
 import time
 from datetime import datetime, timezone
 
@@ -20,16 +20,15 @@ import numpy as np
 import pyarrow as pa
 
 from ray_consensus.config import RunSpec
+from ray_consensus.console import Progress, on_terminal, say as log
 from ray_consensus.contract import RUN_FILE, count_errors, write_manifest
 from ray_consensus.data import Manifest
+from ray_consensus.errors import RunFailed
 from ray_consensus.plan import Plan, make_plan
 from ray_consensus.preflight import preflight
 from ray_consensus.schedule import Schedule, make_schedule
 from ray_consensus.storage import Store
-
-
-def log(msg: str) -> None:
-    print(f"[ray-consensus] {msg}", file=sys.stderr, flush=True)
+from ray_consensus.units import remove_shards
 
 
 def execute(spec: RunSpec, force: bool = False, progress: bool = True, report: bool = True) -> dict:
@@ -46,7 +45,7 @@ def execute(spec: RunSpec, force: bool = False, progress: bool = True, report: b
     store, manifest, listing = preflight(spec, list_units=not force)
     plan = make_plan(spec, store, manifest, force, listing)
     schedule = plan_schedule(spec, plan)
-    with Lease(store):
+    with Lease(store) as lease, recorded(store, lease.holder):
         summary = plan.summary(spec, manifest)
         if schedule is not None and schedule.members:
             summary["schedule"] = schedule.describe()
@@ -55,14 +54,18 @@ def execute(spec: RunSpec, force: bool = False, progress: bool = True, report: b
             f"and {summary['reduce_units_to_compute']} reduce units to compute")
         if "schedule" in summary:
             log(f"schedule: {summary['schedule']}")
-        store.write_json(RUN_FILE, run_info(spec, "running", summary))
+        store.write_json(RUN_FILE, {**run_info(spec, "running", summary, manifest.class_names), "driver": lease.holder})
+        if plan.gone:
+            log(f"removing shards {','.join(map(str, plan.gone))}: every image of theirs left the data set")
+            remove_shards(store, plan.gone)  # before the manifest that lists them goes: a crash here is redone
+        plan.adopt(store)  # a run root written before versions: its units' markers get the current fingerprints
         write_manifest(store, plan.manifest, manifest.errors)
         attr_units, reduce_units, timings = run_cluster(spec, store, manifest, plan, schedule, progress)
         log("tables")
         t_tables = time.time()
         tables = write_tables(spec, store, plan.shard_ids)
         timings["tables_s"] = round(time.time() - t_tables, 3)
-        info = run_info(spec, "complete", summary)
+        info = run_info(spec, "complete", summary, manifest.class_names)
         info.update({
             "units_computed": {"attributions": attr_units, "reduce": reduce_units},
             "units_skipped": {"attributions": summary["attribution_units"] - attr_units,
@@ -70,11 +73,39 @@ def execute(spec: RunSpec, force: bool = False, progress: bool = True, report: b
             "counts": {"images": summary["images"], "shards": len(plan.shards), "models": len(spec.committee),
                        "errors": count_errors(store, plan.shard_ids), "voted": int(tables["consensus_voted"])},
             "timings": {**timings, "total_s": round(time.time() - t0, 3)},
+            "driver": lease.holder,
         })
+        if report:  # the report reads run.json: the run is complete once the report is written
+            store.write_json(RUN_FILE, {**info, "status": "running"})
+            try:
+                write_report(store)
+            except OSError as e:
+                raise RunFailed(f"the report could not be written to {store.uri('report/index.html')} "
+                                f"({e.strerror or e}); the results and tables are stored: run `ray-consensus report "
+                                f"{store.root}` once that is fixed") from e
         store.write_json(RUN_FILE, info)
-        if report:
-            write_report(store)
     return info
+
+
+@contextlib.contextmanager
+def recorded(store: Store, driver: dict):
+    """run.json says how the run ended: once the run has written its run.json, an error marks it `failed`
+    (Ctrl-C: `interrupted`) with the error's first line. A driver killed outright leaves `running`, which
+    `status` reads as `interrupted` once the run's lease is gone (`lease.holds`)."""
+    try:
+        yield
+    except BaseException as e:
+        try:
+            info = store.read_json(RUN_FILE)
+            if (info.get("driver") or {}).get("run_id") == driver["run_id"]:
+                message = (str(e).strip().splitlines() or [""])[0]
+                info.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                            updated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                            error=message if isinstance(e, RunFailed) else f"{type(e).__name__}: {message}")
+                store.write_json(RUN_FILE, info)
+        except Exception:  # the store may be what failed (a full disk): `status` still sees the lease gone
+            pass
+        raise
 
 
 def plan_schedule(spec: RunSpec, plan: Plan) -> Schedule | None:
@@ -112,31 +143,38 @@ def run_cluster(spec: RunSpec, store: Store, manifest: Manifest, plan: Plan, sch
     def start_reduce(s: int) -> None:
         if s in to_reduce:
             refs.append(remote.remote(store, s, to_reduce[s].reduce, ids, spec.method, spec.run.map_size,
-                                      plan.subsets))
+                                      plan.subsets, plan.images(s)))
 
     for s in sorted(set(to_reduce) - {p.shard for p in attribute}):
         start_reduce(s)
     n_units = sum(len(p.models_to_compute) for p in attribute)
-    if attribute:
-        tasks = [ShardTask(p.shard, plan.images(p.shard), p.inputs,
-                           {m: p.attributions[m] for m in p.models_to_compute}) for p in attribute]
-        count = [0]
+    tasks = [ShardTask(p.shard, plan.images(p.shard), p.inputs,
+                       {m: p.attributions[m] for m in p.models_to_compute}) for p in attribute]
+    # On a terminal one bar for the run; in a log (job logs, CI) a line per shard.
+    bar = Progress(sum(len(t.images) * len(t.attributions) for t in tasks)) if progress and on_terminal() else None
+    lines = progress and bar is None
+    with bar or contextlib.nullcontext():
+        if tasks:
+            count = [0]
 
-        def shard_done(done):
-            count[0] += 1
-            if progress:
-                counts = "" if done.n_images is None else f"; {done.n_images} images, {done.n_errors} errors"
-                log(f"attributions: shard {done.shard} done ({count[0]}/{len(tasks)}{counts}; "
-                    f"models: {','.join(done.models) or '-'})")
-            start_reduce(done.shard)
+            def shard_done(done):
+                count[0] += 1
+                if lines:
+                    counts = "" if done.n_images is None else f"; {done.n_images} images, {done.n_errors} errors"
+                    log(f"attributions: shard {done.shard} done ({count[0]}/{len(tasks)}{counts}; "
+                        f"models: {','.join(done.models) or '-'})")
+                start_reduce(done.shard)
 
-        timings.update(run_attributions(ctx, tasks, shard_done, log if progress else None))
-    t0 = time.time()
-    for i, ref in enumerate(_as_completed(refs)):
-        out = ray.get(ref)
-        timings["reduce_s"] += out["seconds"]
-        if progress:
-            log(f"reduce: shard {out['shard']} done ({i + 1}/{len(refs)})")
+            timings.update(run_attributions(ctx, tasks, shard_done, log if lines else None,
+                                            bar.add if bar else None))
+        t0 = time.time()
+        for i, ref in enumerate(_as_completed(refs)):
+            out = ray.get(ref)
+            timings["reduce_s"] += out["seconds"]
+            if lines:
+                log(f"reduce: shard {out['shard']} done ({i + 1}/{len(refs)})")
+            elif bar:
+                bar.note(f"reduce {i + 1}/{len(refs)} shards")
     timings["reduce_s"] = round(timings["reduce_s"], 3)
     timings["reduce_tail_s"] = round(time.time() - t0, 3)
     return n_units, len(to_reduce), timings
@@ -151,7 +189,9 @@ def _as_completed(refs):
         yield ready[0]
 
 
-def run_info(spec: RunSpec, status: str, plan: dict) -> dict:
+def run_info(spec: RunSpec, status: str, plan: dict, class_names: list[str]) -> dict:
+    """run.json; `class_names`: the data set's class folders in label order (a table manifest: none), which
+    a later run of the same root must have too (`preflight.check_classes`)."""
     import captum
     import ray
     import timm
@@ -162,6 +202,7 @@ def run_info(spec: RunSpec, status: str, plan: dict) -> dict:
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "spec": spec.to_public_dict(),
         "plan": plan,
+        "class_names": class_names,
         "versions": {"ray_consensus": _version(), "python": platform.python_version(), "ray": ray.__version__,
                      "torch": torch.__version__, "timm": timm.__version__, "captum": captum.__version__,
                      "numpy": np.__version__, "pyarrow": pa.__version__},

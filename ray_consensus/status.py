@@ -1,30 +1,35 @@
-"""`ray-consensus status`: done and missing units per model and shard, from the run root alone."""
+"""`ray-consensus status`: done, missing and damaged units per model and shard, and how the last run
+ended, from the run root alone."""
 
 from __future__ import annotations
 
 from ray_consensus.contract import read_run, read_stored_manifest
-from ray_consensus.errors import SpecError
+from ray_consensus.lease import holds
 from ray_consensus.storage import Store, open_store
 from ray_consensus.units import completed, shard_dir, units_by_model
 
 
 def run_status(run_root: str | Store, storage=None) -> dict:
-    """Marker-based progress: a unit counts as done when any marker is present (the next run
-    decides, by fingerprint, whether it is current)."""
+    """Marker-based progress: a unit counts as done when a marker is present and its files have the sizes
+    the marker records (the next run decides, by fingerprint, whether it is current); `damaged`: {unit
+    folder: what differs} of the others with a marker. `status` is run.json's, but a run that says
+    `running` without holding the run root's lease any more (its driver was killed) is `interrupted`."""
     store = open_store(run_root, storage) if isinstance(run_root, str) else run_root
-    try:
-        run = read_run(store)
-    except FileNotFoundError:
-        raise SpecError(f"no run at {store.root} (run.json not found)") from None
+    run = read_run(store)
     manifest = read_stored_manifest(store, columns=["shard"])
     shards = sorted({int(s) for s in manifest["shard"]}) if manifest is not None else []
-    done = completed(store)
+    listing = completed(store)
+    done = {folder: fp for folder, fp in listing.items() if folder not in listing.damaged}
     by_model = units_by_model(done)
     reduced = {s for s in shards if shard_dir("consensus", s) in done}
     per_model = {m.id: {"done": [s for s in shards if s in by_model.get(m.id, {})],
                         "missing": [s for s in shards if s not in by_model.get(m.id, {})]} for m in run.spec.committee}
     info = run.info
-    return {"run_root": store.root, "status": info.get("status"), "updated": info.get("updated"),
+    status = info.get("status")
+    if status == "running" and not holds(store, (info.get("driver") or {}).get("run_id")):
+        status = "interrupted"
+    return {"run_root": store.root, "status": status, "updated": info.get("updated"), "error": info.get("error"),
             "shards": len(shards), "models": per_model,
             "reduced": {"done": sorted(reduced), "missing": sorted(set(shards) - reduced)},
+            "damaged": dict(sorted(listing.damaged.items())),
             "units_computed": info.get("units_computed"), "units_skipped": info.get("units_skipped")}

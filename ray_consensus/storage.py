@@ -20,7 +20,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -142,7 +142,8 @@ class Store:
     def uri(self, rel: str = "") -> str:
         return join(self.root, safe_rel(rel))
 
-    def write_parquet(self, rel: str, table: pa.Table) -> None:
+    def write_parquet(self, rel: str, table: pa.Table) -> int:
+        """Write a table whole; returns the file's size in bytes (what a unit's marker records)."""
         raise NotImplementedError
 
     def read_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
@@ -167,27 +168,33 @@ class Store:
 
     listing_threads = 1  # parallel listings `files_under` runs (S3: many; local: one, it is kernel-bound)
 
-    def files(self, prefix: str) -> list[str]:
-        """`list` unsorted."""
+    def files(self, prefix: str, sized: tuple[str, ...] = ()) -> list[str]:
+        """`list` unsorted; files named one of `sized` as `rel<TAB>size`."""
         raise NotImplementedError
 
-    def files_under(self, prefixes: list[str], name_start: str = "") -> list[str]:
-        """The files under several prefixes whose names start with `name_start`, unsorted (on S3 listed
-        in parallel: it pages one listing 1,000 keys at a time, so the many folders of a big run root
-        list in seconds)."""
+    def files_under(self, prefixes: list[str], name_start: str = "", sized: tuple[str, ...] = ()) -> list[str]:
+        """The files under several prefixes whose names start with `name_start`, unsorted, and those named
+        one of `sized` as `rel<TAB>size in bytes` (sizes come with the listing: S3 pages carry them, a
+        local walk stats those files only). On S3 listed in parallel: it pages one listing 1,000 keys at a
+        time, so the many folders of a big run root list in seconds."""
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max(1, min(self.listing_threads, len(prefixes)))) as pool:
-            return [rel for listed in pool.map(self.files, prefixes) for rel in listed
-                    if rel.rpartition("/")[2].startswith(name_start)]
+        def keep(rel: str) -> bool:
+            name = rel.rpartition("/")[2]
+            return name.startswith(name_start) or "\t" in name
 
-    def files_under_later(self, prefixes: list[str], name_start: str = "") -> Callable[[], list[str]]:
+        with ThreadPoolExecutor(max(1, min(self.listing_threads, len(prefixes)))) as pool:
+            return [rel for listed in pool.map(lambda p: self.files(p, sized), prefixes) for rel in listed
+                    if keep(rel)]
+
+    def files_under_later(self, prefixes: list[str], name_start: str = "", sized: tuple[str, ...] = ()
+                          ) -> Callable[[], list[str]]:
         """`files_under` started now; returns a function that waits for it and gives the files, so the
         caller works while the store lists (S3: threads waiting on the network)."""
         from concurrent.futures import ThreadPoolExecutor
 
         pool = ThreadPoolExecutor(1)
-        future = pool.submit(self.files_under, prefixes, name_start)
+        future = pool.submit(self.files_under, prefixes, name_start, sized)
         pool.shutdown(wait=False)
         return future.result
 
@@ -235,7 +242,14 @@ class LocalStore(Store):
             raise
 
     def write_parquet(self, rel, table):
-        self._atomic(rel, lambda tmp: pq.write_table(table, tmp, **PARQUET_OPTIONS))
+        size = []
+
+        def write(tmp: str) -> None:
+            pq.write_table(table, tmp, **PARQUET_OPTIONS)
+            size.append(os.path.getsize(tmp))
+
+        self._atomic(rel, write)
+        return size[0]
 
     def read_parquet(self, rel, columns=None):
         return pq.read_table(self._path(rel), columns=columns)
@@ -252,21 +266,21 @@ class LocalStore(Store):
     def list(self, prefix=""):
         return sorted(self.files(prefix))
 
-    def files(self, prefix=""):
-        return walk(str(self._path(prefix)), safe_rel(prefix))
+    def files(self, prefix="", sized=()):
+        return walk(str(self._path(prefix)), safe_rel(prefix), "", sized)
 
-    def files_under(self, prefixes, name_start=""):
-        return [rel for p in prefixes for rel in walk(str(self._path(p)), safe_rel(p), name_start)]
+    def files_under(self, prefixes, name_start="", sized=()):
+        return [rel for p in prefixes for rel in walk(str(self._path(p)), safe_rel(p), name_start, sized)]
 
     # From this many folders on (a committee of 14 members or more), a child process lists them while
     # the caller plans: listing a big local run root costs seconds of kernel time (`listing.py`).
     BACKGROUND_PREFIXES = 16
 
-    def files_under_later(self, prefixes, name_start=""):
+    def files_under_later(self, prefixes, name_start="", sized=()):
         if len(prefixes) < self.BACKGROUND_PREFIXES:
-            files = self.files_under(prefixes, name_start)
+            files = self.files_under(prefixes, name_start, sized)
             return lambda: files
-        return walk_later(self.root, [safe_rel(p) for p in prefixes], name_start)
+        return walk_later(self.root, [safe_rel(p) for p in prefixes], name_start, sized)
 
     def list_dirs(self, prefix):
         base = self._path(prefix)
@@ -321,8 +335,13 @@ class S3Store(Store):
         return f"{self.prefix}/{rel}".strip("/") if self.prefix else rel
 
     def write_parquet(self, rel, table):
-        # One PUT per file: S3 objects appear whole or not at all.
-        pq.write_table(table, f"{self.bucket}/{self._key(rel)}", filesystem=self.fs, **PARQUET_OPTIONS)
+        # Encoded in memory, then one upload: S3 objects appear whole or not at all, and the size is known.
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, **PARQUET_OPTIONS)
+        data = buf.getvalue()
+        with self.fs.open_output_stream(f"{self.bucket}/{self._key(rel)}") as out:
+            out.write(data)
+        return data.size
 
     def read_parquet(self, rel, columns=None):
         return pq.read_table(f"{self.bucket}/{self._key(rel)}", filesystem=self.fs, columns=columns)
@@ -350,13 +369,14 @@ class S3Store(Store):
     def list(self, prefix=""):
         return sorted(self.files(prefix))
 
-    def files(self, prefix=""):
+    def files(self, prefix="", sized=()):
         key = self._key(prefix)
         key = key + "/" if key and prefix else key
         strip = len(self.prefix) + 1 if self.prefix else 0
         out = []
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=key):
-            out.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+            out.extend(f"{obj['Key'][strip:]}\t{obj['Size']}" if obj["Key"].rpartition("/")[2] in sized
+                       else obj["Key"][strip:] for obj in page.get("Contents", []))
         return out
 
     def list_dirs(self, prefix):
@@ -421,12 +441,142 @@ def _cached_client(spec: StorageSpec | None):
     return _CLIENTS[settings]
 
 
-def list_uri(uri: str, spec: StorageSpec | None = None) -> list[str]:
-    """All file URIs under a local folder or s3:// prefix, sorted."""
+def data_location(uri: str) -> str:
+    """A data set's URI as the readers take it: s3:// URIs as they are, `file://` URIs and paths as local
+    paths (`file:///abs/path` or `file://localhost/abs/path`, percent-escapes decoded). Raises SpecError
+    for any other scheme."""
+    from urllib.parse import unquote
+
+    if is_s3(uri):
+        return uri
+    if uri.startswith("file://"):
+        host, _, path = uri[len("file://"):].partition("/")
+        if host not in ("", "localhost"):
+            raise SpecError(f"{uri}: a file:// URI names a path on this machine (file:///path), not on '{host}'")
+        return "/" + unquote(path)
+    if "://" in uri:
+        raise SpecError(f"unsupported URI scheme in {uri!r}: use a local path, file:///path or s3://bucket/prefix")
+    return os.path.expanduser(uri)
+
+
+class Listed(NamedTuple):
+    """A data file and its version: what the file is now, without reading it (`<size>-<mtime_ns>` on a
+    local disk, the object's ETag on S3): a file rewritten in place gets another version."""
+
+    uri: str
+    version: str
+
+
+def _local_version(st: os.stat_result) -> str:
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def list_uri(uri: str, spec: StorageSpec | None = None) -> tuple[list[Listed], list[str]]:
+    """Every file under a local folder or s3:// prefix with its version, sorted by URI, and the names of
+    the folders directly under it, empty ones included (on S3: the first path segments of the keys, a
+    zero-byte `name/` folder object included). The versions come with the listing (one stat per file
+    locally, the ETags of the listing pages on S3): no request per object. File names are as the disk
+    gives them (a name that is not UTF-8 keeps its surrogate escapes, for the caller to reject)."""
     if is_s3(uri):
         store = S3Store(uri, spec)
-        return [store.uri(rel) for rel in store.list("")]
-    root = Path(uri.removeprefix("file://")).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(str(root))
-    return sorted(str(p) for p in root.rglob("*") if p.is_file())
+        key = store._key("")
+        key = key + "/" if key else key
+        files, dirs = [], set()
+        for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=key):
+            for obj in page.get("Contents", []):
+                rel = obj["Key"][len(key):]
+                if "/" in rel:
+                    dirs.add(rel.split("/", 1)[0])
+                if rel and not rel.endswith("/"):
+                    files.append(Listed(store.uri(rel), str(obj.get("ETag", "")).strip('"')))
+        return sorted(files), sorted(dirs)
+    root = data_location(uri)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(root)
+    files, dirs, seen = [], [], set()
+
+    def visit(path: str) -> None:  # symbolic links to folders followed, each folder listed once
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) in seen:
+            return
+        seen.add((st.st_dev, st.st_ino))
+        with os.scandir(path) as entries:
+            for e in entries:
+                if e.is_dir():
+                    if path == root:
+                        dirs.append(e.name)
+                    visit(e.path)
+                elif e.is_file():
+                    files.append(Listed(e.path, _local_version(e.stat())))
+
+    visit(root)
+    return sorted(files), sorted(dirs)
+
+
+def list_versions(uris: list[str], spec: StorageSpec | None = None) -> dict[str, str]:
+    """{uri: version} of the given files (the rows of a manifest table): each folder holding one of them is
+    listed once, not recursively (a million images in a thousand folders: a thousand listings, not a
+    million requests). Files not found are left out."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def folder(parent: str) -> list[tuple[str, str]]:
+        if is_s3(parent):
+            bucket, prefix = split_s3(parent)
+            prefix = prefix + "/" if prefix else ""
+            out = []
+            pages = _cached_client(spec).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
+                                                                                   Delimiter="/")
+            for page in pages:
+                out += [(f"s3://{bucket}/{o['Key']}", str(o.get("ETag", "")).strip('"'))
+                        for o in page.get("Contents", [])]
+            return out
+        try:
+            with os.scandir(parent or "/") as entries:  # (a name that is not UTF-8 is in no manifest)
+                return [(f"{parent}/{e.name}", _local_version(e.stat())) for e in entries
+                        if e.is_file() and is_utf8(e.name)]
+        except OSError:
+            return []
+
+    parents = sorted({u.rpartition("/")[0] for u in uris})
+    with ThreadPoolExecutor(16 if any(is_s3(p) for p in parents) else 1) as pool:
+        return {u: v for listed in pool.map(folder, parents) for u, v in listed}
+
+
+def is_utf8(name: str) -> bool:
+    """False for a file name the disk gave with surrogate escapes (bytes that are not UTF-8)."""
+    try:
+        name.encode()
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+_CONTENT: dict = {}
+
+
+def content_version(uri: str, spec: StorageSpec | None = None) -> str:
+    """What a single file (a checkpoint) holds, cheaply: the SHA-256 of a local file (hashed once per path,
+    size and mtime in this process), the ETag of an S3 object (one HEAD request: S3 derives it from the
+    content); '' when the file cannot be found."""
+    if is_s3(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3(uri)
+        try:
+            return str(_cached_client(spec).head_object(Bucket=bucket, Key=key).get("ETag", "")).strip('"')
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
+                return ""
+            raise
+    path = data_location(uri)
+    try:
+        st = os.stat(path)
+        memo = (path, st.st_size, st.st_mtime_ns)
+        if memo not in _CONTENT:
+            import hashlib
+
+            with open(path, "rb") as f:
+                _CONTENT[memo] = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
+        return _CONTENT[memo]
+    except OSError:
+        return ""

@@ -24,7 +24,7 @@ from ray_consensus.storage import Store
 CORRELATION_COLUMNS = ["x", "y", "method", "coefficient", "p_value", "p_permutation", "ci_over", "ci_low", "ci_high",
                        "n"]
 # (sum, count) columns of the aggregates behind each per-member statistic
-STATS = {"score": ("score_sum", "score_n"), "accuracy": ("n_correct", "n_images"),
+STATS = {"score": ("score_sum", "score_n"), "accuracy": ("n_correct", "n_predicted"),
          **{m: (f"{m}_sum", f"{m}_n") for m in cm.ALIGNMENTS}}
 
 
@@ -64,7 +64,7 @@ def read_run_aggregates(store: Store, shards: list[int], model_ids: list[str]) -
                 matrix[block[member], codes[member]] = t.column(column).to_numpy()[member]
                 out.append(matrix)
     if totals is None:
-        value_columns = ["n_images", "n_correct", "n_voted", "score_sum", "score_n"]
+        value_columns = ["n_images", "n_predicted", "n_correct", "n_nonfinite", "n_voted", "score_sum", "score_n"]
         totals, parts = np.zeros((len(order), len(value_columns))), {}
     blocks = {stat: (np.concatenate(sums), np.concatenate(counts)) for stat, (sums, counts) in parts.items()}
     return RunAggregates(pd.DataFrame(totals, index=order, columns=value_columns), blocks, metrics)
@@ -109,20 +109,25 @@ def _ratio(sums, counts) -> np.ndarray:
 
 def models_table(spec: RunSpec, agg: RunAggregates) -> pd.DataFrame:
     """One row per member (and, with masks, a `consensus` row for the alignment of the vote itself):
-    accuracy over all images, consensus score and alignment means over the voted images."""
+    accuracy over the images with finite logits, n_nonfinite the images whose map was left out of the
+    vote (not finite; all of them: the member never took part), consensus score and alignment means
+    over the voted images it took part in."""
     ids = [m.id for m in spec.committee]
     members = agg.totals.loc[ids]
     table = pd.DataFrame({
         "model_id": ids, "arch": [m.arch for m in spec.committee],
-        "accuracy": _ratio(members["n_correct"], members["n_images"]),
+        "accuracy": _ratio(members["n_correct"], members["n_predicted"]),
         "n_images": members["n_images"].astype(np.int64).to_numpy(),
         "n_voted": members["n_voted"].astype(np.int64).to_numpy(),
+        "n_nonfinite": members["n_nonfinite"].astype(np.int64).to_numpy(),
         "consensus_score": _ratio(members["score_sum"], members["score_n"]),
         **{m: _ratio(members[f"{m}_sum"], members[f"{m}_n"]) for m in agg.metrics}})
     if agg.metrics:
         c = agg.totals.loc[CONSENSUS_ID]
-        row = {"model_id": CONSENSUS_ID, "arch": f"vote of {len(ids)} models", "accuracy": np.nan,
-               "n_images": int(c["n_images"]), "n_voted": int(c["n_voted"]), "consensus_score": np.nan,
+        taking_part = int((members["n_nonfinite"] < members["n_images"]).sum())  # not all its maps non-finite
+        row = {"model_id": CONSENSUS_ID, "arch": f"vote of {taking_part} models", "accuracy": np.nan,
+               "n_images": int(c["n_images"]), "n_voted": int(c["n_voted"]), "n_nonfinite": int(c["n_nonfinite"]),
+               "consensus_score": np.nan,
                **{m: float(_ratio(c[f"{m}_sum"], c[f"{m}_n"])) for m in agg.metrics}}
         table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
     return table
@@ -157,8 +162,10 @@ def correlations_table(spec: RunSpec, agg: RunAggregates, models: pd.DataFrame) 
 def robustness_table(spec: RunSpec, sums: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
     """Per sub-committee (k, trial): the score-accuracy correlation within it."""
     columns = ["k", "trial", "method", "coefficient", "p_value", "n"]
-    if sums.empty:
-        return pd.DataFrame(columns=columns)
+    if sums.empty:  # typed, so the stored table is too
+        return pd.DataFrame({"k": pd.Series(dtype=np.int64), "trial": pd.Series(dtype=np.int64),
+                             "method": pd.Series(dtype=str), "coefficient": pd.Series(dtype=np.float64),
+                             "p_value": pd.Series(dtype=np.float64), "n": pd.Series(dtype=np.int64)})
     accuracy = models.set_index("model_id")["accuracy"]
     rows = []
     for (k, trial), group in sums.groupby(["k", "trial"]):

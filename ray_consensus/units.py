@@ -1,14 +1,20 @@
 """Where each unit of work lives in the run root, and how completion is recorded.
 
 A unit (the attributions of one model for one shard, the inputs of one shard, one reduced
-shard) is a folder of Parquet files plus an empty marker object `_done-<fingerprint>`.
-The marker is written last, so a unit is complete exactly when its marker with the
-current fingerprint exists; a crashed write leaves no marker and the unit is redone,
-overwriting the same file names (no duplicate rows). Markers start with '_' so pandas,
-pyarrow, DuckDB and Spark skip them when reading the folders.
+shard) is a folder of Parquet files plus an empty marker object
+`_done-<fingerprint>.<size>.<size>…`: the sizes in bytes of the files it wrote (`UNIT_FILES`,
+`-` for one it did not write). The marker is written last, so a unit is complete exactly when
+its marker with the current fingerprint exists and its files have the sizes it records; a
+crashed write leaves no marker and the unit is redone, overwriting the same file names (no
+duplicate rows), and so is a unit whose file was truncated, replaced or deleted after its marker
+was written. A marker without sizes (`_done-<fingerprint>`, written before 0.3.0) vouches for
+no sizes and is trusted as it is. Markers start with '_' so pandas, pyarrow, DuckDB and Spark
+skip them when reading the folders.
 
-Listing the run root once tells what is done: no marker has to be opened. A `Unit` record
-names a unit's folder, the fingerprint it must carry and the one its marker carries; which
+Listing the run root once tells what is done and whether it is whole: no marker or data file
+has to be opened (the listing carries the data files' sizes: S3's pages do, a local walk stats
+them). What the size check does not catch is a file changed in place to the same size. A `Unit`
+record names a unit's folder, the fingerprint it must carry and the marker it has; which
 fingerprint that is, is the plan's business (`plan.py`); `fingerprint` is the hash it uses.
 """
 
@@ -27,6 +33,18 @@ from ray_consensus.storage import Store
 DATA_FILE = "part-0.parquet"
 MARKER = "_done-"
 
+# The files a unit may write, by the kind of its folder (`{s}`: its `shard=NNNNN`), in the order of the
+# sizes its marker records; an attribution unit writes the one file of its own folder. `write_unit`
+# refuses a file not listed here.
+UNIT_FILES = {
+    "inputs": (f"errors/{{s}}/{DATA_FILE}", f"inputs/{{s}}/{DATA_FILE}"),
+    "consensus": (f"aggregates/{{s}}/{DATA_FILE}", f"consensus/{{s}}/{DATA_FILE}", "errors/{s}/attribution.parquet",
+                  f"scores/{{s}}/{DATA_FILE}", f"subcommittees/{{s}}/{DATA_FILE}", f"tables/images/{{s}}/{DATA_FILE}"),
+}
+# The folder kinds holding a shard's files (besides attributions/model=<id>/), and the file names sized.
+SHARD_KINDS = sorted({f.split("/{s}/")[0] for files in UNIT_FILES.values() for f in files})
+_SIZED = tuple(sorted({f.rpartition("/")[2] for files in UNIT_FILES.values() for f in files}))
+
 
 def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-able parts (what a stored unit was computed from)."""
@@ -39,66 +57,132 @@ def attributions_dir(model_id: str, shard: int) -> str:
 
 
 def shard_dir(kind: str, shard: int) -> str:
-    """kind: inputs | errors | consensus | scores | subcommittees."""
+    """kind: one of SHARD_KINDS (inputs | errors | consensus | scores | subcommittees | aggregates | tables/images)."""
     return f"{kind}/shard={shard:05d}"
 
 
-def completed(store: Store) -> dict[str, str]:
-    """{unit folder: fingerprint} of every complete unit in the run root."""
-    return _markers(store.files_under(_unit_prefixes(store), MARKER))
+def unit_files(folder: str) -> tuple[str, ...] | None:
+    """The files the unit of `folder` may write, in its marker's order (None: not a unit's folder)."""
+    kind, _, shard = folder.rpartition("/")
+    if kind.startswith("attributions/"):
+        return (f"{folder}/{DATA_FILE}",)
+    files = UNIT_FILES.get(kind)
+    return None if files is None else tuple(f.format(s=shard) for f in files)
 
 
-def completed_later(store: Store) -> Callable[[], dict[str, str]]:
+class Listing(dict):
+    """{unit folder: its marker's suffix (`<fingerprint>[.<sizes>]`)} of every unit with a marker, and
+    `damaged`: {unit folder: what is wrong} of those whose files are not the ones their marker vouches for."""
+
+    damaged: dict[str, str]
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.damaged = {}
+
+
+def completed(store: Store) -> Listing:
+    """The run root's units with a marker (`Listing`)."""
+    return _markers(store.files_under(_unit_prefixes(store), MARKER, _SIZED))
+
+
+def completed_later(store: Store) -> Callable[[], Listing]:
     """`completed`, listed while the caller works: returns a function that waits for the listing (on
     S3 in threads, for a big local run root in a process of its own)."""
-    files = store.files_under_later(_unit_prefixes(store), MARKER)
+    files = store.files_under_later(_unit_prefixes(store), MARKER, _SIZED)
     return lambda: _markers(files())
 
 
 def _unit_prefixes(store: Store) -> list[str]:
-    """The folders holding markers: inputs/, consensus/ (reduce units), attributions/ one member at a time."""
-    return ["inputs", "consensus"] + store.list_dirs("attributions")
+    """The folders holding markers and units' files: each shard kind's, attributions/ one member at a time."""
+    return SHARD_KINDS + store.list_dirs("attributions")
 
 
-def _markers(files: list[str]) -> dict[str, str]:
-    """Marker paths -> {unit folder: fingerprint}."""
-    done = {}
+def _markers(files: list[str]) -> Listing:
+    """Marker paths and `rel<TAB>size` data files -> the `Listing`."""
+    done, sizes = Listing(), {}
     for rel in files:
-        folder, _, name = rel.rpartition("/")
-        done[folder] = name[len(MARKER):]
+        path, tab, size = rel.partition("\t")
+        if tab:
+            sizes[path] = size
+        else:
+            folder, _, name = rel.rpartition("/")
+            done[folder] = name[len(MARKER):]
+    for folder, suffix in done.items():
+        fp, dot, recorded = suffix.partition(".")
+        if dot:  # a marker without sizes (before 0.3.0) vouches for none: trusted as it is
+            problem = _damage(folder, recorded.split("."), sizes)
+            if problem:
+                done.damaged[folder] = problem
     return done
 
 
+def _damage(folder: str, recorded: list[str], sizes: dict[str, str]) -> str | None:
+    """What differs between a unit's files and the sizes its marker records (None: nothing)."""
+    files = unit_files(folder)
+    if files is None or len(files) != len(recorded):
+        return f"its marker records {len(recorded)} files, the unit has {len(files or ())}"
+    for rel, want in zip(files, recorded):
+        if want != "-" and sizes.get(rel) != want:
+            got = sizes.get(rel)
+            return f"{rel} is missing" if got is None else f"{rel} has {got} bytes, its marker says {want}"
+    return None
+
+
+def marker_suffix(fp: str, folder: str, sizes: dict[str, int]) -> str:
+    """What follows `_done-` in the marker of a unit written with files of these sizes."""
+    return ".".join([fp] + [str(sizes[rel]) if rel in sizes else "-" for rel in unit_files(folder)])
+
+
 class Unit(NamedTuple):
-    """One unit of the run root: its folder, the fingerprint it must carry now, and the one its
-    marker carries (None: no marker). A named tuple: a plan builds 312,560 of them for 80 members x
-    a million images, in about half the time frozen dataclasses took (1.1 s against 2.1 s here)."""
+    """One unit of the run root: its folder, the fingerprint it must carry now, its marker's suffix
+    (None: no marker) and whether its files are those the marker vouches for. A named tuple: a plan
+    builds 312,560 of them for 80 members x a million images, in about half the time frozen
+    dataclasses took (1.1 s against 2.1 s here)."""
 
     folder: str
     fingerprint: str
     stored: str | None = None
+    intact: bool = True
 
     @property
     def done(self) -> bool:
-        return self.stored == self.fingerprint
+        return self.intact and self.stored is not None and self.stored.partition(".")[0] == self.fingerprint
 
     def write(self, store: Store, tables: dict[str, pa.Table]) -> None:
-        """Write the unit's files (relative path -> pyarrow table) whole, replacing a stale marker."""
+        """Write the unit's files (relative path -> pyarrow table) whole, replacing the marker it had."""
         write_unit(store, self.folder, self.fingerprint, tables, self.stored)
 
 
-def write_unit(store: Store, folder: str, fp: str, tables: dict[str, pa.Table], stale_fp: str | None = None) -> None:
-    """Write a unit whole: drop the stale marker (`stale_fp`: the one stored before), write the
-    files, then the marker with the fingerprint `fp`."""
-    if stale_fp is not None and stale_fp != fp:
-        store.delete(f"{folder}/{MARKER}{stale_fp}")
-    for rel, table in tables.items():
-        store.write_parquet(rel, table)
-    store.write_bytes(f"{folder}/{MARKER}{fp}", b"")
+def write_unit(store: Store, folder: str, fp: str, tables: dict[str, pa.Table], stale: str | None = None) -> None:
+    """Write a unit whole: drop the marker it had (`stale`: its suffix), write the files, then the
+    marker with the fingerprint `fp` and the files' sizes."""
+    files = unit_files(folder) or ()
+    unknown = [rel for rel in tables if rel not in files]
+    if unknown:
+        raise ValueError(f"unit {folder} writes {unknown[0]}, which units.UNIT_FILES does not list")
+    if stale is not None:
+        store.delete(f"{folder}/{MARKER}{stale}")
+    sizes = {rel: store.write_parquet(rel, table) for rel, table in tables.items()}
+    store.write_bytes(f"{folder}/{MARKER}{marker_suffix(fp, folder, sizes)}", b"")
+
+
+def shard_folders(store: Store, shard: int) -> list[str]:
+    """Every folder holding files of shard `shard`: each member's attributions, then each kind's."""
+    return [f"{m}/shard={shard:05d}" for m in store.list_dirs("attributions")] + \
+        [shard_dir(kind, shard) for kind in SHARD_KINDS]
+
+
+def remove_shards(store: Store, shards: list[int]) -> None:
+    """Delete every folder of shards that left the plan (their images left the data set), so that reading
+    a kind's folder (attributions/, scores/, …) returns each image of the data set once."""
+    for s in shards:
+        for folder in shard_folders(store, s):
+            store.delete(folder)
 
 
 def units_by_model(done: dict[str, str]) -> dict[str, dict[int, str]]:
-    """Attribution markers grouped: {model_id: {shard: fingerprint}}."""
+    """Attribution markers grouped: {model_id: {shard: marker suffix}}."""
     out: dict[str, dict[int, str]] = defaultdict(dict)
     for folder, fp in done.items():
         m = re.fullmatch(r"attributions/model=(.+)/shard=(\d+)", folder)

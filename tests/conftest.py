@@ -5,6 +5,7 @@ import shutil
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from s3server import S3Server
@@ -56,3 +57,60 @@ def legacy_root(s3_server, tmp_path, monkeypatch):
     ray.shutdown()  # execute() started one for the reducer: leave the next tests a clean process
 
 
+
+
+def _broken_copy(path: Path, value: float) -> str:
+    """resnet10t with member a's weights (its seeded random init), one weight of its first convolution set to
+    `value`, as a safetensors checkpoint."""
+    from safetensors.torch import save_file
+
+    from ray_consensus.committee import create_member_model
+    from ray_consensus.config import MemberSpec
+
+    model = create_member_model(MemberSpec(id="a", arch="resnet10t", weights="random"), 2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    first = next(k for k, v in state.items() if v.is_floating_point() and v.ndim == 4)
+    state[first].view(-1)[0] = value
+    save_file(state, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def broken_member_runs(tmp_path_factory) -> dict:
+    """One run root for tests/test_nonfinite.py and tests/test_stored_tables.py: members a, b, then a, b and
+    two copies of a with one weight NaN (`n`) and inf (`i`). Its data set is a CSV manifest: 8 good images
+    with masks, a row whose label is out of range and, in a trailing shard of its own (shard_size 8), a
+    truncated PNG. Returns root, the two runs' run.json (`healthy`, `broken`) and the first run's tables."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+    import ray
+
+    from imagesets import make_image_folder, tiny_spec
+    from ray_consensus.config import parse_spec
+    from ray_consensus.runner import execute
+
+    tmp = tmp_path_factory.mktemp("broken-members")
+    data = make_image_folder(tmp / "ds", n_classes=2, per_class=4)
+    images = data / "images"
+    (images / "c1" / "zz-truncated.png").write_bytes((images / "c1" / "img000.png").read_bytes()[:150])
+    rows = [{"image_id": f"{p.parent.name}/{p.stem}", "uri": str(p), "label": int(p.parent.name[1]),
+             "mask_uri": str(data / "masks" / p.parent.name / p.name)} for p in sorted(images.rglob("*.png"))]
+    rows.append({**rows[0], "image_id": "c0/label-9", "label": 9})
+    pd.DataFrame(rows).to_csv(tmp / "manifest.csv", index=False)
+    root = tmp / "run"
+    spec = tiny_spec(data, str(root))
+    spec["dataset"] = {"path": str(tmp / "manifest.csv"), "num_classes": 2}
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        healthy = execute(parse_spec(spec), progress=False, report=False)
+        before = {kind: pq.read_table(str(root / kind)).to_pandas() for kind in ("consensus", "scores")}
+        before["models"] = pd.read_parquet(root / "tables" / "models.parquet")
+        spec["committee"] += [{"id": m, "arch": "resnet10t", "weights": _broken_copy(tmp / f"{m}.safetensors", value)}
+                              for m, value in (("n", np.nan), ("i", np.inf))]
+        broken = execute(parse_spec(spec), progress=False)
+    finally:
+        if started:
+            ray.shutdown()
+    return {"root": root, "healthy": healthy, "before": before, "broken": broken}

@@ -121,19 +121,26 @@ def test_imagenet_committees_are_pretrained_imagenet_models_of_many_families(nam
 
 
 def test_paper_committee_validates_in_seconds_and_shows_its_schedule(tmp_path):
-    """`ray-consensus validate jobs/paper-committee.yaml`, a local manifest in place of the bucket's."""
+    """`ray-consensus validate jobs/paper-committee.yaml`, a local manifest in place of the bucket's, the
+    members' weights in a local hub cache (empty files: validate looks for them, reads none)."""
+    import os
     import subprocess
     import sys
     import time
 
     import pandas as pd
+    from hubcache import placeholder_weights
 
     pd.DataFrame({"uri": [f"/data/val/{i:05d}.JPEG" for i in range(600)], "label": [i % 1000 for i in range(600)]}
                  ).to_parquet(tmp_path / "manifest.parquet")
+    placeholder_weights(parse_spec(load_spec_file(REPO / "jobs" / "paper-committee.yaml")).committee,
+                        tmp_path / "hf", tmp_path / "torch")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TORCH_HOME=str(tmp_path / "torch"))
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "ray_consensus", "validate", str(REPO / "jobs" / "paper-committee.yaml"),
                            "--dataset", str(tmp_path / "manifest.parquet"), "--output", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=env)
     took = time.time() - t0
     assert proc.returncode == 0, proc.stderr
     assert "600 images (1000 classes" in proc.stdout and "3 shards" in proc.stdout

@@ -288,7 +288,7 @@ def test_decode_stage_computes_the_explainers_superpixels_without_loading_torch(
     from ray_consensus.units import Unit
 
     data = make_image_folder(tmp_path / "data", n_classes=1, per_class=2, size=(48, 48), masks=False)
-    spec = tiny_spec(data, str(tmp_path / "run"), models=("a=resnet10t@random",))
+    spec = tiny_spec(data, str(tmp_path / "run"), models=("a=resnet10t@random",), method={"robustness_sizes": []})
     assert segmentation_of(parse_spec(spec)) is None  # SmoothGrad needs no superpixels
     spec["explainer"] = {"name": "lime", "params": {"n_segments": 12, "compactness": 5.0}}
     spec = parse_spec(spec)

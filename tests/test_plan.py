@@ -23,18 +23,21 @@ MODELS = ("a=resnet10t@random", "b=mobilenetv3_small_050@random")
 
 
 def mark_complete(store, spec) -> None:
-    """Markers for every unit of `spec`'s plan, as a finished run leaves them."""
-    manifest = read_manifest(spec.dataset)
+    """Markers for every unit of `spec`'s plan and its manifest, as a finished run leaves them (a stale
+    marker replaced)."""
+    manifest = read_manifest(spec.dataset, spec.storage)
     plan = make_plan(spec, store, manifest)
     write_manifest(store, plan.manifest, manifest.errors)
     for p in plan.shards.values():
         for unit in (p.inputs, p.reduce, *p.attributions.values()):
+            if unit.stored not in (None, unit.fingerprint):
+                store.delete(f"{unit.folder}/{MARKER}{unit.stored}")
             store.write_bytes(f"{unit.folder}/{MARKER}{unit.fingerprint}", b"")
 
 
 def to_compute(store, spec) -> set[tuple]:
     """("inputs", shard) / ("attr", model, shard) / ("reduce", shard) of every unit not done."""
-    plan = make_plan(spec, store, read_manifest(spec.dataset))
+    plan = make_plan(spec, store, read_manifest(spec.dataset, spec.storage))
     out = set()
     for p in plan.shards.values():
         out |= {("inputs", p.shard)} if not p.inputs.done else set()
@@ -144,7 +147,8 @@ def test_fingerprints_are_the_plain_hash_of_the_recipe_parts(base):
     plan = make_plan(spec, store, manifest)
     shard = plan.shards[1]
     rows = plan.manifest[plan.manifest["shard"] == 1]
-    content = rows[["image_id", "uri", "label", "mask_uri"]].astype(str).to_numpy().tolist()
+    content = rows[["image_id", "uri", "label", "mask_uri", "version"]].astype(str).to_numpy().tolist()
+    assert all(v for *_, v in content)  # every image carries its file's version
     r = spec.run
     ifp = fingerprint("inputs", content, r.image_size, r.map_size, spec.dataset.mask_foreground, None)
     assert shard.inputs.fingerprint == ifp
@@ -165,10 +169,13 @@ def test_shard_contents_are_json_dumps_of_the_rows_whatever_the_strings_hold():
 
     frame = pd.DataFrame({"image_id": ["a", 'q"uo\\te', "ünï", 'x", "y', "e\\"],
                           "uri": ["/u/a", "/u/b", None, "/u/é", '", "'],
-                          "label": [0, 1, 2, 3, 4], "mask_uri": [None, None, "", np.nan, "/m/x"]})
+                          "label": [0, 1, 2, 3, 4], "mask_uri": [None, None, "", np.nan, "/m/x"],
+                          "version": ["1-2", "", "3-4|mask:5-6", '"e"', "é"]})
     expected = [json.dumps(row) for row in
-                frame[["image_id", "uri", "label", "mask_uri"]].astype(str).to_numpy().tolist()]
+                frame[["image_id", "uri", "label", "mask_uri", "version"]].astype(str).to_numpy().tolist()]
     assert _shard_contents(frame) == expected
+    full = frame.fillna("x")  # no missing values: the fast path
+    assert _shard_contents(full) == [json.dumps(row) for row in full.astype(str).to_numpy().tolist()]
 
 
 def test_big_run_roots_are_listed_in_a_child_process_with_the_same_result(tmp_path, monkeypatch):

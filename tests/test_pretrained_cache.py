@@ -1,0 +1,124 @@
+"""`weights: pretrained` members: their weights are found in the local Hugging Face cache (or on the hub)
+before Ray starts, the slots load them from there, and a member whose weights cannot be had is one line."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hubcache import put_in_hub_cache
+from imagesets import make_image_folder, tiny_spec
+from test_spec_checks import assert_one_line, cli_each
+
+TAG = "resnet10t.c3_in1k"  # a real timm pretrained tag: timm loads it from the hub repo its config names
+HUB_ENV = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "HF_ENDPOINT")
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory):
+    """(HF_HOME, the same weights as a checkpoint file): weights this test made for TAG (a seeded random
+    resnet10t with the tag's 1000-class head) as model.safetensors in the hub repo timm's config names."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    home = tmp_path_factory.mktemp("hf")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1234)
+        model = timm.create_model("resnet10t", pretrained=False)
+    checkpoint = tmp_path_factory.mktemp("weights") / "written.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(checkpoint))
+    repo = timm.models.get_pretrained_cfg(TAG).hf_hub_id
+    assert repo == f"timm/{TAG}"
+    put_in_hub_cache(home, repo, "model.safetensors", checkpoint.read_bytes())
+    return home, checkpoint
+
+
+@pytest.fixture
+def offline(hub_cache, monkeypatch):
+    """The hub cache in the environment, offline: the cache alone counts, for the check and for timm."""
+    for name in HUB_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(hub_cache[0]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def ray_offline(offline):
+    """Ray started with that environment, so the slots (new processes) see the same cache."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def test_a_pretrained_tag_runs_from_the_local_hub_cache_with_the_weights_written(ray_offline, hub_cache, tmp_path):
+    from ray_consensus.config import parse_spec
+    from ray_consensus.runner import execute
+
+    checkpoint = hub_cache[1]
+    dataset = make_image_folder(tmp_path / "ds", n_classes=2, per_class=3, masks=False)
+    # The same weights from the hub cache and as a checkpoint file, and the same architecture random.
+    spec = tiny_spec(dataset, str(tmp_path / "run"), models=(f"hub={TAG}", f"file=resnet10t@{checkpoint}",
+                                                             "rnd=resnet10t@random"),
+                     explainer={"name": "saliency", "params": {}})
+    spec["dataset"]["num_classes"] = 1000  # the tag's head
+    info = execute(parse_spec(spec), progress=False)
+
+    assert info["status"] == "complete" and info["counts"]["errors"] == 0
+    rows = {m: pd.read_parquet(tmp_path / "run" / "attributions" / f"model={m}").sort_values("image_id")
+            for m in ("hub", "file", "rnd")}
+    assert len(rows["hub"]) == 6
+    maps = {m: np.stack(r["attribution"].to_numpy()) for m, r in rows.items()}
+    scale = np.abs(maps["file"]).max()
+    assert scale > 0
+    # Saliency is deterministic: the slot's hub member computed what the written weights compute ...
+    assert np.abs(maps["hub"] - maps["file"]).max() <= 1e-5 * scale
+    assert list(rows["hub"]["pred"]) == list(rows["file"]["pred"])
+    # ... and not what other weights of the architecture would.
+    assert np.abs(maps["rnd"] - maps["file"]).max() > 0.1 * scale
+
+
+def test_validate_and_run_name_the_member_whose_weights_are_not_in_the_offline_cache(offline, tmp_path):
+    dataset = make_image_folder(tmp_path / "ds", n_classes=2, per_class=3, masks=False)
+    run = tmp_path / "run"
+    args = ["--dataset", str(dataset / "images"), "--model", f"ok={TAG}", "--model", "gone=resnet18.a1_in1k",
+            "--output", str(run), "--set", "dataset.num_classes=1000"]
+    t0 = time.time()
+    validate, run_, classes = cli_each(["validate", *args], ["run", *args],
+                                       ["validate", *args[:4], "--output", str(run)])
+    took = time.time() - t0
+    for result in (validate, run_):
+        assert_one_line(result, "model gone: cannot load pretrained weights for 'resnet18.a1_in1k'",
+                        "timm/resnet18.a1_in1k", "not in the local Hugging Face cache", "HF_HUB_OFFLINE")
+    # The tag that is in the cache passes; its 1000-class head does not fit a 2-class data set.
+    assert_one_line(classes, "model ok: pretrained 'resnet10t.c3_in1k' has 1000 classes, the data set has 2")
+    assert took < 30, took  # one interpreter for the three, importing timm once
+    assert not run.exists()
+
+
+def test_a_hub_that_does_not_answer_is_one_line_naming_the_member(tmp_path, monkeypatch):
+    """What `validate` and `run` check first (preflight), with the hub's address on a port nobody serves."""
+    from ray_consensus.config import parse_member, parse_spec
+    from ray_consensus.errors import SpecError
+    from ray_consensus.preflight import preflight
+
+    for name in HUB_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens there
+    dataset = make_image_folder(tmp_path / "ds", n_classes=2, per_class=3, masks=False)
+    spec = parse_spec({"dataset": {"path": str(dataset / "images"), "num_classes": 1000},
+                       "committee": [parse_member(f"net={TAG}")], "run": {"output": str(tmp_path / "run")}})
+    t0 = time.time()
+    with pytest.raises(SpecError) as err:
+        preflight(spec, list_units=False)
+    assert time.time() - t0 < 15
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"model net: cannot load pretrained weights for '{TAG}': timm/{TAG} is not in the "
+                              f"local Hugging Face cache {tmp_path / 'empty-hf' / 'hub'} and the hub did not give it")
