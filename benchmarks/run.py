@@ -619,8 +619,16 @@ def plan_million(work: Path, scale: float) -> None:
     scale_step("million", str(root), "80")
     setup = time.perf_counter() - t0
     cmd = [sys.executable, "-m", "ray_consensus", "validate", str(root / "spec.yaml")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
+    env.update(PYTHONPATH=os.pathsep.join(sys.path), HF_HOME=str(root / "hf"), TORCH_HOME=str(root / "torch"),
+               HF_HUB_OFFLINE="1")  # the members' weights from the placeholder cache scale.py made
     known_archs()  # timm's name list cached for this timm version, as after a first `validate`
+    from ray_consensus.config import load_spec_file, parse_spec
+    from ray_consensus.pretrained import pretrained_source, save_known_sources
+
+    for member in parse_spec(load_spec_file(root / "spec.yaml")).committee:
+        pretrained_source(member)  # and the members' weight sources, as after a first `validate`
+    save_known_sources()
     times, out = [], ""
     for _ in range(2):
         t0 = time.perf_counter()
@@ -629,7 +637,8 @@ def plan_million(work: Path, scale: float) -> None:
     best = min(times)
     say(Figure("plan_1m_images_80_members_s", best, ".1f", "< 10", best < 10).line())
     plan_line = next((line for line in out.splitlines() if line.startswith("to compute")), "")
-    note(f"`ray-consensus validate` (a fresh process: imports, spec, timm names, manifest, plan, listing the run "
+    note(f"`ray-consensus validate` (a fresh process: imports, spec, timm names, the pretrained weights found in "
+         f"the local hub cache (offline), manifest, plan, listing the run "
          f"root's {316_467:,} markers, schedule) of 1,000,000 images x 80 members of jobs/paper-committee.yaml "
          f"on a run root where all but the last member are done: {' / '.join(f'{t:.1f}' for t in times)} s "
          f"(the faster counts; set up in {setup:.0f} s); {plan_line}")

@@ -103,6 +103,11 @@ def million(root: Path, members: int) -> None:
     data.pop("storage")
     (root / "spec.yaml").write_text(yaml.safe_dump(data))
     spec = parse_spec(data)
+    # Where each pretrained member's weights would be cached (empty files: `validate` reads none), so that
+    # its check finds them offline (HF_HOME=root/hf, TORCH_HOME=root/torch, HF_HUB_OFFLINE=1).
+    from hubcache import placeholder_weights
+
+    placeholder_weights(spec.committee, root / "hf", root / "torch")
     store = LocalStore(spec.run.output)
     manifest = read_manifest(spec.dataset)
     plan = make_plan(spec, store, manifest)

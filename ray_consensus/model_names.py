@@ -2,7 +2,7 @@
 
 Importing timm takes seconds (it imports torch, torchvision and every model module); a misspelled
 name among 80 members is refused before it (timm is imported later only for what needs it: the
-pretrained tags' sources, checkpoints). timm's registry of names is listed once per
+checkpoints, a pretrained tag's source the first time: `pretrained.known_sources`). timm's registry of names is listed once per
 installed timm version into the cache (`$RAY_CONSENSUS_CACHE`, default ~/.cache/ray-consensus)
 and read from there afterwards; a name not in the list is looked up in timm itself before it
 is refused, so a stale or hand-edited list can only cost time, never refuse a real name.
@@ -25,27 +25,38 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("RAY_CONSENSUS_CACHE") or Path.home() / ".cache" / "ray-consensus")
 
 
+def timm_cache_file(what: str) -> Path | None:
+    """The cache file of `what` for the installed timm version (None: timm is not installed)."""
+    try:
+        return default_cache_dir() / f"timm-{version('timm')}-{what}"
+    except PackageNotFoundError:
+        return None
+
+
+def write_cache_file(path: Path | None, text: str) -> None:
+    """Write a cache file atomically; a read-only home only means the work is done again next time."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 @lru_cache(maxsize=1)
 def known_archs() -> frozenset[str]:
     """timm's architecture names (without pretrained tags)."""
-    try:
-        path = default_cache_dir() / f"timm-{version('timm')}-models.txt"
-    except PackageNotFoundError:
-        path = None
+    path = timm_cache_file("models.txt")
     if path is not None and path.is_file():
         return frozenset(path.read_text().split())
     import timm
 
     names = frozenset(timm.list_models())
-    if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            with os.fdopen(fd, "w") as f:
-                f.write("\n".join(sorted(names)) + "\n")
-            os.replace(tmp, path)
-        except OSError:  # a read-only home: list timm's names again next time
-            pass
+    write_cache_file(path, "\n".join(sorted(names)) + "\n")
     return names
 
 

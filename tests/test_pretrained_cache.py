@@ -122,3 +122,30 @@ def test_a_hub_that_does_not_answer_is_one_line_naming_the_member(tmp_path, monk
     assert "\n" not in message
     assert message.startswith(f"model net: cannot load pretrained weights for '{TAG}': timm/{TAG} is not in the "
                               f"local Hugging Face cache {tmp_path / 'empty-hf' / 'hub'} and the hub did not give it")
+
+
+def test_weight_sources_are_cached_per_timm_version_and_read_back_without_timm(tmp_path):
+    """A later `validate` finds each tag's source in the cache instead of importing timm (seconds)."""
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import json, sys
+from ray_consensus.config import MemberSpec
+from ray_consensus.pretrained import pretrained_source, save_known_sources
+members = [MemberSpec(id="a", arch=sys.argv[1], weights="pretrained"),
+           MemberSpec(id="b", arch="vit_tiny_patch16_224", weights="pretrained", kwargs={"num_classes": 7})]
+sources = [list(pretrained_source(m)) for m in members]
+save_known_sources()
+print(json.dumps({"sources": sources, "timm": "timm" in sys.modules}))
+"""
+    env = {**__import__("os").environ, "RAY_CONSENSUS_CACHE": str(tmp_path)}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", code, TAG], capture_output=True, text=True, check=True,
+                                      env=env).stdout) for _ in range(2)]
+    assert runs[0]["timm"] and not runs[1]["timm"]  # asked timm once, then read the cache
+    assert runs[0]["sources"] == runs[1]["sources"]
+    (a_kind, a_repo, a_files, a_classes), (_, b_repo, _, b_classes) = runs[1]["sources"]
+    assert (a_kind, a_repo, a_classes) == ("hf-hub", f"timm/{TAG}", 1000) and "model.safetensors" in a_files
+    assert b_repo.startswith("timm/vit_tiny_patch16_224") and b_classes == 7  # the kwargs are part of the key
+    assert list(tmp_path.glob("timm-*-pretrained-sources.json"))
