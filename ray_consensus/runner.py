@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from ray_consensus.config import RunSpec
-from ray_consensus.console import Progress, on_terminal, say as log
+from ray_consensus.console import Progress, on_terminal, say
 from ray_consensus.contract import RUN_FILE, count_errors, write_manifest
 from ray_consensus.data import Manifest
 from ray_consensus.errors import RunFailed
@@ -49,19 +49,19 @@ def execute(spec: RunSpec, force: bool = False, progress: bool = True, report: b
         summary = plan.summary(spec, manifest)
         if schedule is not None and schedule.members:
             summary["schedule"] = schedule.describe()
-        log(f"plan: {summary['images']} images in {summary['shards']} shards, {summary['models']} models; "
+        say(f"plan: {summary['images']} images in {summary['shards']} shards, {summary['models']} models; "
             f"{summary['attribution_units_to_compute']}/{summary['attribution_units']} attribution units "
             f"and {summary['reduce_units_to_compute']} reduce units to compute")
         if "schedule" in summary:
-            log(f"schedule: {summary['schedule']}")
+            say(f"schedule: {summary['schedule']}")
         store.write_json(RUN_FILE, {**run_info(spec, "running", summary, manifest.class_names), "driver": lease.holder})
         if plan.gone:
-            log(f"removing shards {','.join(map(str, plan.gone))}: every image of theirs left the data set")
+            say(f"removing shards {','.join(map(str, plan.gone))}: every image of theirs left the data set")
             remove_shards(store, plan.gone)  # before the manifest that lists them goes: a crash here is redone
         plan.adopt(store)  # a run root written before versions: its units' markers get the current fingerprints
         write_manifest(store, plan.manifest, manifest.errors)
         attr_units, reduce_units, timings = run_cluster(spec, store, manifest, plan, schedule, progress)
-        log("tables")
+        say("tables")
         t_tables = time.time()
         tables = write_tables(spec, store, plan.shard_ids)
         timings["tables_s"] = round(time.time() - t_tables, 3)
@@ -161,18 +161,18 @@ def run_cluster(spec: RunSpec, store: Store, manifest: Manifest, plan: Plan, sch
                 count[0] += 1
                 if lines:
                     counts = "" if done.n_images is None else f"; {done.n_images} images, {done.n_errors} errors"
-                    log(f"attributions: shard {done.shard} done ({count[0]}/{len(tasks)}{counts}; "
+                    say(f"attributions: shard {done.shard} done ({count[0]}/{len(tasks)}{counts}; "
                         f"models: {','.join(done.models) or '-'})")
                 start_reduce(done.shard)
 
-            timings.update(run_attributions(ctx, tasks, shard_done, log if lines else None,
+            timings.update(run_attributions(ctx, tasks, shard_done, say if lines else None,
                                             bar.add if bar else None))
         t0 = time.time()
         for i, ref in enumerate(_as_completed(refs)):
             out = ray.get(ref)
             timings["reduce_s"] += out["seconds"]
             if lines:
-                log(f"reduce: shard {out['shard']} done ({i + 1}/{len(refs)})")
+                say(f"reduce: shard {out['shard']} done ({i + 1}/{len(refs)})")
             elif bar:
                 bar.note(f"reduce {i + 1}/{len(refs)} shards")
     timings["reduce_s"] = round(timings["reduce_s"], 3)
