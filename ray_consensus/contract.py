@@ -41,7 +41,7 @@ import pyarrow as pa
 from ray_consensus.config import RunSpec, parse_spec
 from ray_consensus.errors import SpecError
 from ray_consensus.storage import Store
-from ray_consensus.units import DATA_FILE, attributions_dir, shard_dir
+from ray_consensus.units import DATA_FILE, MEMBER_ERRORS_FILE, attributions_dir, shard_dir
 
 MANIFEST_FILE = "manifest.parquet"
 CONSENSUS_ID = "consensus"  # the vote's own row in the aggregates and the models table
@@ -82,7 +82,7 @@ LEGACY_MANIFEST_ERRORS_FILE = f"errors/manifest/{DATA_FILE}"  # before 0.3.0: a 
 
 def member_errors_file(shard: int) -> str:
     """The shard's (member, image) pairs whose logits or map were not finite (written by its reducer)."""
-    return f"{shard_dir('errors', shard)}/attribution.parquet"
+    return f"{shard_dir('errors', shard)}/{MEMBER_ERRORS_FILE}"
 
 
 # ---------------------------------------------------------------- columns

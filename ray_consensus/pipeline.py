@@ -41,10 +41,9 @@ from ray_consensus.config import RunSpec
 from ray_consensus.contract import ImageRef, attributions_file, encode_attributions, encode_inputs, errors_table, \
     file_of
 from ray_consensus.errors import ClusterError
-from ray_consensus.units import Unit
 from ray_consensus.schedule import Schedule
 from ray_consensus.storage import Store
-from ray_consensus.units import fingerprint
+from ray_consensus.units import Unit, fingerprint
 
 
 @dataclass

@@ -467,6 +467,11 @@ class Listed(NamedTuple):
     version: str
 
 
+def _etag(obj: dict) -> str:
+    """An S3 object's version: its ETag (of a listing entry or a HEAD response), without the quotes."""
+    return str(obj.get("ETag", "")).strip('"')
+
+
 def _local_version(st: os.stat_result) -> str:
     return f"{st.st_size}-{st.st_mtime_ns}"
 
@@ -488,7 +493,7 @@ def list_uri(uri: str, spec: StorageSpec | None = None) -> tuple[list[Listed], l
                 if "/" in rel:
                     dirs.add(rel.split("/", 1)[0])
                 if rel and not rel.endswith("/"):
-                    files.append(Listed(store.uri(rel), str(obj.get("ETag", "")).strip('"')))
+                    files.append(Listed(store.uri(rel), _etag(obj)))
         return sorted(files), sorted(dirs)
     root = data_location(uri)
     if not os.path.isdir(root):
@@ -527,7 +532,7 @@ def list_versions(uris: list[str], spec: StorageSpec | None = None) -> dict[str,
             pages = _cached_client(spec).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
                                                                                    Delimiter="/")
             for page in pages:
-                out += [(f"s3://{bucket}/{o['Key']}", str(o.get("ETag", "")).strip('"'))
+                out += [(f"s3://{bucket}/{o['Key']}", _etag(o))
                         for o in page.get("Contents", [])]
             return out
         try:
@@ -563,7 +568,7 @@ def content_version(uri: str, spec: StorageSpec | None = None) -> str:
 
         bucket, key = split_s3(uri)
         try:
-            return str(_cached_client(spec).head_object(Bucket=bucket, Key=key).get("ETag", "")).strip('"')
+            return _etag(_cached_client(spec).head_object(Bucket=bucket, Key=key))
         except ClientError as e:
             if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
                 return ""

@@ -31,6 +31,7 @@ import pyarrow as pa
 from ray_consensus.storage import Store
 
 DATA_FILE = "part-0.parquet"
+MEMBER_ERRORS_FILE = "attribution.parquet"  # a reduced shard's errors/: its members' non-finite maps
 MARKER = "_done-"
 
 # The files a unit may write, by the kind of its folder (`{s}`: its `shard=NNNNN`), in the order of the
@@ -38,7 +39,7 @@ MARKER = "_done-"
 # refuses a file not listed here.
 UNIT_FILES = {
     "inputs": (f"errors/{{s}}/{DATA_FILE}", f"inputs/{{s}}/{DATA_FILE}"),
-    "consensus": (f"aggregates/{{s}}/{DATA_FILE}", f"consensus/{{s}}/{DATA_FILE}", "errors/{s}/attribution.parquet",
+    "consensus": (f"aggregates/{{s}}/{DATA_FILE}", f"consensus/{{s}}/{DATA_FILE}", f"errors/{{s}}/{MEMBER_ERRORS_FILE}",
                   f"scores/{{s}}/{DATA_FILE}", f"subcommittees/{{s}}/{DATA_FILE}", f"tables/images/{{s}}/{DATA_FILE}"),
 }
 # The folder kinds holding a shard's files (besides attributions/model=<id>/), and the file names sized.
