@@ -444,12 +444,12 @@ class Dispatcher:
                           f"{time.time() - started:.1f} s")
 
     def shard_done(self, w: Window, done: ShardDone, model_id: str | None) -> None:
-        task = next(t for t in w.tasks if t.shard == done.shard)
-        if model_id is not None:
-            self.on_images(len(task.images))  # a member's unit of the shard: its images, failed ones included
+        if model_id is not None:  # a member's unit of the shard: its images, failed ones included
+            self.on_images(done.n_images + done.n_errors)
         left = w.left[done.shard]
         left.discard(model_id)
         if not left and self.on_shard:
+            task = next(t for t in w.tasks if t.shard == done.shard)
             self.on_shard(ShardDone(done.shard, done.n_images, done.n_errors, sorted(task.attributions)))
 
     def unplaced_message(self, waited: float) -> str:
