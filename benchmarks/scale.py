@@ -29,9 +29,10 @@ def spec_data(root: Path, members: int, dataset: str = "unused") -> dict:
             "committee": [{"id": f"m{i:02d}", "arch": "resnet18"} for i in range(members)]}
 
 
-def aggregates(root: Path, images: int, members: int) -> None:
+def aggregates(root: Path, images: int, members: int, store=None) -> None:
     """Per shard, the real reducer's aggregates and sub-committee sums of synthetic scores: member k's
-    consensus score ~ N(0.5 + 0.01 k, 0.2), correct with probability 0.5 + 0.01 k, masks' AP ~ U(0, 1)."""
+    consensus score ~ N(0.5 + 0.01 k, 0.2), correct with probability 0.5 + 0.01 k, masks' AP ~ U(0, 1).
+    Written to `store` (default: the local run root under `root`)."""
     from ray_consensus.config import parse_spec
     from ray_consensus.contract import encode_aggregates, encode_subcommittees, file_of
     from ray_consensus.plan import robustness_sizes, subcommittees
@@ -39,7 +40,7 @@ def aggregates(root: Path, images: int, members: int) -> None:
     from ray_consensus.storage import LocalStore
 
     spec = parse_spec(spec_data(root, members))
-    store = LocalStore(spec.run.output)
+    store = store or LocalStore(spec.run.output)
     ids = [m.id for m in spec.committee]
     subsets = subcommittees(members, robustness_sizes(spec), spec.method.robustness_trials, spec.method.seed)
     rng = np.random.default_rng(0)

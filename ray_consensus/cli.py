@@ -140,6 +140,11 @@ def validate(spec_file: Optional[Path] = SPEC_ARG, dataset: Optional[str] = DATA
     typer.echo(f"to compute: {summary['attribution_units_to_compute']}/{summary['attribution_units']} attribution "
                f"units, {summary['reduce_units_to_compute']} reduce units; "
                f"{summary['forward_passes']:,} forward and {summary['backward_passes']:,} backward passes")
+    if summary["damaged_units"]:
+        typer.echo(f"damaged: {summary['damaged_units']} stored units whose files are missing or of another size "
+                   f"(recomputed by the run; `status` lists them)")
+    if summary["shards_to_remove"]:
+        typer.echo(f"to remove: {summary['shards_to_remove']} shards whose every image left the data set")
     typer.echo(f"schedule: {summary['schedule']}")
 
 

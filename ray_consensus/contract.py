@@ -137,8 +137,8 @@ def errors_table(rows: list[dict]) -> pa.Table:
 def count_errors(store: Store, shards: list[int]) -> int:
     """Rows of errors/: inputs rejected while listing or decoding the shards, and (member, image) pairs
     whose logits or map were not finite (every listed shard reduced)."""
-    return store.read_parquet(MANIFEST_ERRORS_FILE).num_rows + sum(
-        store.read_parquet(f).num_rows for s in shards for f in (file_of("errors", s), member_errors_file(s)))
+    return store.count_parquet_rows([MANIFEST_ERRORS_FILE] + [f for s in shards
+                                                            for f in (file_of("errors", s), member_errors_file(s))])
 
 
 # ---------------------------------------------------------------- inputs
@@ -342,12 +342,6 @@ def encode_aggregates(columns: dict[str, np.ndarray]) -> pa.Table:
 def encode_images(columns: dict[str, np.ndarray]) -> pa.Table:
     """A shard's rows of tables/images (`reduce.image_rows` builds the columns)."""
     return _typed_table(columns)
-
-
-def read_per_shard(store: Store, kind: str, shards: list[int], columns: list[str] | None = None) -> pd.DataFrame:
-    """The rows of a per-shard table over the given shards, with a `shard` column."""
-    frames = [store.read_parquet(file_of(kind, s), columns=columns).to_pandas().assign(shard=s) for s in shards]
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=(columns or []) + ["shard"])
 
 
 # ---------------------------------------------------------------- run.json

@@ -1,7 +1,7 @@
 """Run-level tables from the per-shard aggregates: models, correlations, robustness.
 
-    write_tables: aggregates/ and subcommittees/ of every shard, read one shard at a time
-                  (`read_run_aggregates`, `subcommittee_totals`) ─► the tables below ─► tables/*.parquet, .csv
+    write_tables: aggregates/ and subcommittees/ of every shard, read in order, a few shards ahead
+                  (`read_run_aggregates`, `subcommittee_totals`; `Store.read_parquets`) ─► the tables below ─► tables/*.parquet, .csv
 
 Every input is a per-shard aggregate (sums and counts per member and block of images), summed as
 it is read, so the work and memory here grow with shards and members, never with images, and a
@@ -40,14 +40,13 @@ class RunAggregates:
 
 def read_run_aggregates(store: Store, shards: list[int], model_ids: list[str]) -> RunAggregates:
     """Sum the shards' aggregates as they are read: memory O(shards x blocks x members) for the blocks,
-    O(one shard) for the rest."""
+    O(the shards read ahead) for the rest."""
     order = model_ids + [CONSENSUS_ID]
     index = {m: i for i, m in enumerate(order)}
     k = len(model_ids)
     totals = parts = None
     metrics: list[str] = []
-    for s in shards:
-        t = store.read_parquet(file_of("aggregates", s))
+    for t in store.read_parquets(file_of("aggregates", s) for s in shards):
         if totals is None:
             metrics = [m for m in cm.ALIGNMENTS if f"{m}_sum" in t.column_names]
             value_columns = [c for c in t.column_names if c not in ("model_id", "block")]
@@ -71,12 +70,12 @@ def read_run_aggregates(store: Store, shards: list[int], model_ids: list[str]) -
 
 
 def subcommittee_totals(store: Store, shards: list[int]) -> pd.DataFrame:
-    """k, trial, model_id, score_sum, n_voted summed over the shards, one shard read at a time. Every
+    """k, trial, model_id, score_sum, n_voted summed over the shards as they are read. Every
     shard lists the same sub-committees in the same order (the plan's); a shard that does not is
     aligned by key."""
     keys, sums = None, None
-    for s in shards:
-        t = store.read_parquet(file_of("subcommittees", s)).to_pandas()
+    for table in store.read_parquets(file_of("subcommittees", s) for s in shards):
+        t = table.to_pandas()
         if keys is None:
             keys, sums = t[["k", "trial", "model_id"]], t[["score_sum", "n_voted"]].to_numpy(np.float64)
         elif t[["k", "trial", "model_id"]].equals(keys):

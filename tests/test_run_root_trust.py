@@ -193,6 +193,8 @@ def test_shards_whose_images_left_the_data_set_leave_the_run_root(finished):
     for image_id in moved:
         (aside / image_id).parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(next(images.glob(f"{image_id}.*"))), aside / image_id)
+    shown = CliRunner().invoke(app, ["validate", str(base / "spec.yaml")])
+    assert shown.exit_code == 0 and "to remove: 1 shards whose every image left the data set" in shown.output
     execute(spec, progress=False)
     assert not list(root.rglob("shard=00001")), "a folder of the shard that left the plan is still there"
     attr = pq.read_table(root / "attributions").to_pandas()
@@ -224,6 +226,8 @@ def test_a_truncated_unit_is_reported_by_status_and_recomputed(finished):
     st = run_status(str(root))
     assert set(st["damaged"]) == {ATTR_A0, "consensus/shard=00002"}
     assert st["models"]["a"]["missing"] == [0] and st["reduced"]["missing"] == [2]
+    shown = CliRunner().invoke(app, ["validate", str(base / "spec.yaml")])
+    assert shown.exit_code == 0 and "damaged: 2 stored units" in shown.output, shown.output
 
     info = execute(spec, progress=False)
     assert info["units_computed"] == {"attributions": 1, "reduce": 1}
