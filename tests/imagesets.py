@@ -35,13 +35,15 @@ def make_image_folder(root: Path, n_classes: int = 3, per_class: int = 6, size: 
 
 def tiny_spec(dataset: Path, output: str, models=("a=resnet10t@random", "b=mobilenetv3_small_050@random"),
               **sections) -> dict:
-    """Spec data for a fast run: 32 px crops, 16 px maps, few SmoothGrad samples."""
+    """Spec data for a fast run: 32 px crops, 16 px maps, few SmoothGrad samples, members fed 64 px
+    inputs (timm's default for these architectures is 176-224 px: 8-12x the compute per image)."""
     from ray_consensus.config import parse_member
 
     data = {
         "dataset": {"path": str(dataset / "images"),
                     **({"masks": str(dataset / "masks")} if (dataset / "masks").exists() else {})},
-        "committee": [parse_member(m) for m in models],
+        "committee": [{**parse_member(m), "kwargs": {"pretrained_cfg_overlay": {"input_size": [3, 64, 64]}}}
+                      for m in models],
         "explainer": {"name": "smoothgrad", "params": {"n_samples": 3, "samples_per_pass": 3}},
         "method": {"bootstrap": 50, "robustness_sizes": [2], "robustness_trials": 2},
         "run": {"output": output, "shard_size": 8, "image_size": 32, "map_size": 16, "gallery": 3},

@@ -83,7 +83,7 @@ def test_driver_sigkill_then_resume_equals_uninterrupted(workload):
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
     done_before = len(markers(crashed))
-    assert 3 <= done_before < 12, "the kill should land halfway through the 12 attribution units"
+    assert 3 <= done_before < 12, f"the kill should land halfway through the 12 attribution units ({done_before})"
 
     subprocess.run(cmd + [str(base / "crashed.yaml")], env=env, check=True, capture_output=True, timeout=600)
     info = yaml.safe_load((crashed / "run.json").read_text())
