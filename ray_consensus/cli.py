@@ -145,6 +145,8 @@ def validate(spec_file: Optional[Path] = SPEC_ARG, dataset: Optional[str] = DATA
                    f"(recomputed by the run; `status` lists them)")
     if summary["shards_to_remove"]:
         typer.echo(f"to remove: {summary['shards_to_remove']} shards whose every image left the data set")
+    if plan.others:
+        typer.echo(f"kept: {plan.others_note()}")
     typer.echo(f"schedule: {summary['schedule']}")
 
 

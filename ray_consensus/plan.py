@@ -78,6 +78,7 @@ class Plan:
     _rows: dict[int, tuple[int, int]]  # shard -> its row range in `manifest`
     adopted: list = field(default_factory=list)  # (folder, old marker suffix, new one): see the docstring
     gone: list = field(default_factory=list)     # shards the run root holds that left the plan (`units.remove_shards`)
+    others: list = field(default_factory=list)   # members with attributions in the run root, not in the committee
 
     def adopt(self, store: Store) -> None:
         """Rewrite the markers of the units taken over from a run root written before versions were kept
@@ -86,6 +87,12 @@ class Plan:
         for folder, old, new in self.adopted:
             store.write_bytes(f"{folder}/{MARKER}{new}", b"")
             store.delete(f"{folder}/{MARKER}{old}")
+
+    def others_note(self) -> str:
+        """A line on the members in `others`, for `validate` and `run`."""
+        return (f"attributions of {', '.join(self.others)} (not in the committee) stay in the run root: reading "
+                f"attributions/ returns their rows, and a member that comes back computes nothing again; delete "
+                f"attributions/model=<id>/ to drop one")
 
     @property
     def shard_ids(self) -> list[int]:
@@ -122,6 +129,7 @@ class Plan:
             "damaged_units": sum(not u.intact for p in self.shards.values()
                                  for u in (p.inputs, p.reduce, *p.attributions.values())),
             "shards_to_remove": len(self.gone),
+            "members_not_in_committee": self.others,
             "forward_passes": todo_images * (fwd + 1), "backward_passes": todo_images * bwd,
         }
 
@@ -281,7 +289,16 @@ def make_plan(spec: RunSpec, store: Store, manifest: Manifest, force: bool = Fal
         shards[s] = ShardPlan(s, Unit(inputs_dir, ifp, done.get(inputs_dir), inputs_dir not in damaged), units,
                               Unit(reduce_dir, rfp, done.get(reduce_dir), reduce_dir not in damaged))
     adopted = _adopt(shards, unversioned) if unversioned is not None else []
-    return Plan(table, shards, subsets, rows, adopted, gone=_gone(previous, done, rows))
+    return Plan(table, shards, subsets, rows, adopted, gone=_gone(previous, done, rows),
+                others=_other_members(done, spec))
+
+
+def _other_members(done: Listing, spec: RunSpec) -> list[str]:
+    """Members whose attribution units the run root holds but the committee no longer names: kept (a
+    member dropped for one run computes nothing when it comes back), and read back by `attributions/`."""
+    held = {folder[len("attributions/model="):folder.index("/shard=")] for folder in done
+            if folder.startswith("attributions/model=")}
+    return sorted(held - {m.id for m in spec.committee})
 
 
 def _gone(previous: pd.DataFrame | None, done: Listing, rows: dict) -> list[int]:

@@ -55,6 +55,8 @@ def execute(spec: RunSpec, force: bool = False, progress: bool = True, report: b
         if "schedule" in summary:
             say(f"schedule: {summary['schedule']}")
         store.write_json(RUN_FILE, {**run_info(spec, "running", summary, manifest.class_names), "driver": lease.holder})
+        if plan.others:
+            say(plan.others_note())
         if plan.gone:
             say(f"removing shards {','.join(map(str, plan.gone))}: every image of theirs left the data set")
             remove_shards(store, plan.gone)  # before the manifest that lists them goes: a crash here is redone

@@ -6,6 +6,7 @@ the data set leave the run root, so the README's reading recipe returns each ima
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import subprocess
@@ -235,3 +236,21 @@ def test_a_truncated_unit_is_reported_by_status_and_recomputed(finished):
     assert pq.read_table(root / "scores" / "shard=00002" / "part-0.parquet").num_rows == 2 * 2
     st = run_status(str(root))
     assert st["damaged"] == {} and st["status"] == "complete" and st["reduced"]["missing"] == []
+
+
+def test_validate_and_run_name_members_whose_attributions_outlive_the_committee(finished):
+    """A member dropped from the committee: its attribution units stay (they would be reused), and `validate`
+    says so, and that reading attributions/ still returns its rows; --json lists the member."""
+    base, _ = finished
+    data = yaml.safe_load((base / "spec.yaml").read_text())
+    data["committee"] = [m for m in data["committee"] if m["id"] == "a"]
+    data["method"]["robustness_sizes"] = []  # a committee of one has no sub-committees
+    (base / "spec-a.yaml").write_text(yaml.safe_dump(data))
+    shown = CliRunner().invoke(app, ["validate", str(base / "spec-a.yaml")])
+    assert shown.exit_code == 0, shown.output
+    line = next(line for line in shown.output.splitlines() if line.startswith("kept:"))
+    assert "attributions of b (not in the committee)" in line and "attributions/model=<id>/" in line
+    as_json = CliRunner().invoke(app, ["validate", str(base / "spec-a.yaml"), "--json"])
+    assert json.loads(as_json.output)["members_not_in_committee"] == ["b"]
+    full = CliRunner().invoke(app, ["validate", str(base / "spec.yaml")])
+    assert "kept:" not in full.output
