@@ -89,6 +89,7 @@ def boto_client(settings: S3Settings, fast: bool = False):
 
     retries = {"max_attempts": 2, "mode": "standard"} if fast else {"max_attempts": 10, "mode": "standard"}
     config = Config(connect_timeout=3 if fast else 10, read_timeout=5 if fast else 60, retries=retries,
+                    max_pool_connections=32,  # the listing's and read-ahead's threads (16 each) share a client
                     s3={"addressing_style": "path"} if settings.endpoint_url else None)
     return boto3.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
                         aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
@@ -149,17 +150,21 @@ class Store:
     def read_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
         raise NotImplementedError
 
+    def read_small_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        """`read_parquet` of a small file (S3: fetched whole in one request, not pyarrow's ranged reads)."""
+        return self.read_parquet(rel, columns)
+
     def parquet_rows(self, rel: str) -> int:
-        """A Parquet file's row count, from its footer alone."""
+        """A small Parquet file's row count, from its footer."""
         raise NotImplementedError
 
     read_threads = 1  # files `read_parquets` / `count_parquet_rows` read at once (S3: many; local: one)
 
     def read_parquets(self, rels: Iterable[str], columns: list[str] | None = None) -> Iterator[pa.Table]:
-        """`read_parquet` of each path, in order, reading up to `read_threads` files ahead: a pass over
+        """`read_small_parquet` of each path, in order, reading up to `read_threads` files ahead: a pass over
         every shard's small files (tables, error counts) waits on many S3 requests at once instead of one
         after another, and holds at most `read_threads` + 1 tables."""
-        return read_ahead(lambda rel: self.read_parquet(rel, columns), rels, self.read_threads)
+        return read_ahead(lambda rel: self.read_small_parquet(rel, columns), rels, self.read_threads)
 
     def count_parquet_rows(self, rels: Iterable[str]) -> int:
         """The summed row counts of Parquet files (footers only, `read_threads` at once)."""
@@ -389,9 +394,12 @@ class S3Store(Store):
     def read_parquet(self, rel, columns=None):
         return pq.read_table(f"{self.bucket}/{self._key(rel)}", filesystem=self.fs, columns=columns)
 
+    # pyarrow's S3 reads of a file cost several round trips (its size, the footer, the data); one GET is one
+    def read_small_parquet(self, rel, columns=None):
+        return pq.read_table(pa.BufferReader(self.read_bytes(rel)), columns=columns)
+
     def parquet_rows(self, rel):
-        with self.fs.open_input_file(f"{self.bucket}/{self._key(rel)}") as f:
-            return pq.ParquetFile(f).metadata.num_rows
+        return pq.ParquetFile(pa.BufferReader(self.read_bytes(rel))).metadata.num_rows
 
     def write_bytes(self, rel, data):
         self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
