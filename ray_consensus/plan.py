@@ -44,7 +44,7 @@ from ray_consensus.config import RunSpec
 from ray_consensus.contract import ImageRef, read_stored_manifest
 from ray_consensus.data import Manifest, assign_shards
 from ray_consensus.storage import Store, content_version
-from ray_consensus.units import MARKER, Listing, Unit, attributions_dir, completed_later, shard_dir
+from ray_consensus.units import MARKER, Listing, Unit, attributions_dir, completed_later, listed_models, shard_dir
 
 # The manifest columns each image contributes to its shard's inputs fingerprint; run roots written
 # before versions were kept fingerprinted the first four.
@@ -296,9 +296,7 @@ def make_plan(spec: RunSpec, store: Store, manifest: Manifest, force: bool = Fal
 def _other_members(done: Listing, spec: RunSpec) -> list[str]:
     """Members whose attribution units the run root holds but the committee no longer names: kept (a
     member dropped for one run computes nothing when it comes back), and read back by `attributions/`."""
-    held = {folder[len("attributions/model="):folder.index("/shard=")] for folder in done
-            if folder.startswith("attributions/model=")}
-    return sorted(held - {m.id for m in spec.committee})
+    return sorted(listed_models(done) - {m.id for m in spec.committee})
 
 
 def _gone(previous: pd.DataFrame | None, done: Listing, rows: dict) -> list[int]:

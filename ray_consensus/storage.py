@@ -198,15 +198,13 @@ class Store:
         one of `sized` as `rel<TAB>size in bytes` (sizes come with the listing: S3 pages carry them, a
         local walk stats those files only). On S3 listed in parallel: it pages one listing 1,000 keys at a
         time, so the many folders of a big run root list in seconds."""
-        from concurrent.futures import ThreadPoolExecutor
 
         def keep(rel: str) -> bool:
             name = rel.rpartition("/")[2]
             return name.startswith(name_start) or "\t" in name
 
-        with ThreadPoolExecutor(max(1, min(self.listing_threads, len(prefixes)))) as pool:
-            return [rel for listed in pool.map(lambda p: self.files(p, sized), prefixes) for rel in listed
-                    if keep(rel)]
+        listings = read_ahead(lambda p: self.files(p, sized), prefixes, min(self.listing_threads, len(prefixes)))
+        return [rel for listed in listings for rel in listed if keep(rel)]
 
     def files_under_later(self, prefixes: list[str], name_start: str = "", sized: tuple[str, ...] = ()
                           ) -> Callable[[], list[str]]:

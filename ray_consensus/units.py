@@ -182,6 +182,13 @@ def remove_shards(store: Store, shards: list[int]) -> None:
             store.delete(folder)
 
 
+def listed_models(done: dict[str, str]) -> set[str]:
+    """The model ids of a listing's attribution units (`units_by_model`'s keys, without parsing shards:
+    a listing holds a unit per member and shard, 300,000 and more at scale)."""
+    start = len("attributions/model=")
+    return {folder[start:folder.index("/shard=")] for folder in done if folder.startswith("attributions/model=")}
+
+
 def units_by_model(done: dict[str, str]) -> dict[str, dict[int, str]]:
     """Attribution markers grouped: {model_id: {shard: marker suffix}}."""
     out: dict[str, dict[int, str]] = defaultdict(dict)
