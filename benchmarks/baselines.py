@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ray_consensus import consensus as cm
 from ray_consensus.committee import Preprocess, resample_maps
-from ray_consensus.data import decode_image
+from ray_consensus.decode import decode_image
 from ray_consensus.explainers import Explainer, ScoreModel
 from ray_consensus.explainer_params import LimeParams
 from ray_consensus.explainers.lime import fill_with_mean_colours, fit_weighted_ridge, perturbation_seed, sample_masks

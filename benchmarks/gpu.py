@@ -39,7 +39,8 @@ from run import (PHOTO, Figure, image_set, load_member, note, say, scores, spec_
                  timings_text)
 
 from ray_consensus.config import DatasetSpec, MemberSpec, parse_member  # noqa: E402
-from ray_consensus.data import decode_image, read_manifest  # noqa: E402
+from ray_consensus.data import read_manifest  # noqa: E402
+from ray_consensus.decode import decode_image  # noqa: E402
 from ray_consensus.explainers import create_explainer  # noqa: E402
 from ray_consensus.explainers.lime import Lime, fill_with_mean_colours  # noqa: E402
 from ray_consensus.runner import execute  # noqa: E402

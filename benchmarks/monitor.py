@@ -90,7 +90,7 @@ class Monitor:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._sample()
-            time.sleep(self.interval_s)
+            self._stop.wait(self.interval_s)  # wakes at once on exit: the step's wall time holds no sampler sleep
 
     def __enter__(self) -> "Monitor":
         self._t0, self._t0_epoch, self._busy0 = time.perf_counter(), time.time(), self._busy_s()
@@ -100,10 +100,10 @@ class Monitor:
         return self
 
     def __exit__(self, *exc) -> None:
+        wall = time.perf_counter() - self._t0  # the step's, before the sampler is stopped and read a last time
         self._stop.set()
         self._thread.join()
         self._sample()
-        wall = time.perf_counter() - self._t0
         others = max(0.0, self._busy_s() - self._busy0 - self._ours_s)
         self.usage = Usage(wall, *self._peak, self._ours_s / wall, others / wall, self._samples)
 

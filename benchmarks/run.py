@@ -54,7 +54,8 @@ from ray_consensus import consensus as cm  # noqa: E402
 from ray_consensus.cli import DEMO_EXPLAINER_PARAMS, demo_spec  # noqa: E402
 from ray_consensus.committee import Preprocess, create_member_model, member_data_config  # noqa: E402
 from ray_consensus.config import DatasetSpec, MemberSpec, RunSpec, parse_member, parse_spec  # noqa: E402
-from ray_consensus.data import decode_image, read_manifest  # noqa: E402
+from ray_consensus.data import read_manifest  # noqa: E402
+from ray_consensus.decode import decode_image  # noqa: E402
 from ray_consensus.demo import DEMO_COMMITTEE, model_kwargs  # noqa: E402
 from ray_consensus.explainers import ScoreModel, create_explainer  # noqa: E402
 from ray_consensus.explainers.lime import Lime, fill_with_mean_colours  # noqa: E402

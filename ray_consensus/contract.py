@@ -32,16 +32,18 @@ module. Paths come from `units`. Arrays are numpy; nothing here imports torch or
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from ray_consensus.config import RunSpec, parse_spec
 from ray_consensus.errors import SpecError
 from ray_consensus.storage import Store
 from ray_consensus.units import DATA_FILE, MEMBER_ERRORS_FILE, attributions_dir, shard_dir
+
+if TYPE_CHECKING:  # the frames come from pyarrow's to_pandas: the slots and decode workers never load pandas
+    import pandas as pd
 
 MANIFEST_FILE = "manifest.parquet"
 CONSENSUS_ID = "consensus"  # the vote's own row in the aggregates and the models table

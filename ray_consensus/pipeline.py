@@ -109,7 +109,7 @@ class DecodeShard:
         self.ctx = ctx
 
     def decode(self, task: ShardTask) -> DecodedShard:
-        from ray_consensus.data import DecodeError, decode_image, decode_mask, image_size_of, read_input
+        from ray_consensus.decode import DecodeError, decode_image, decode_mask, image_size_of, read_input
         from ray_consensus.superpixels import segment
 
         spec, seg_params = self.ctx.spec, self.ctx.segmentation
@@ -464,9 +464,9 @@ def run_attributions(ctx: StageContext, tasks: list[ShardTask], on_shard=None, p
     """Compute the tasks' units on the schedule's slots; `on_shard(ShardDone)` is called for each shard as
     soon as all its units are written, `progress(line)` as each member finishes a window, `on_images(n)`
     as each unit is written (n: its shard's images). Returns timings: wall seconds and every member load."""
-    quiet_ray_data()
     t0 = time.time()
-    dispatcher = Dispatcher(ctx, tasks, on_shard, progress, on_images)
+    dispatcher = Dispatcher(ctx, tasks, on_shard, progress, on_images)  # the slots start first: they are the long pole
+    quiet_ray_data()
     dispatcher.run()
     loads = [s for _, s in dispatcher.loads]
     return {"attributions_s": round(time.time() - t0, 3), "member_loads": len(loads),

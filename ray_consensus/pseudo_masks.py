@@ -30,7 +30,7 @@ import pyarrow as pa
 from PIL import Image
 
 from ray_consensus.contract import read_consensus, read_run, read_stored_manifest
-from ray_consensus.data import image_size_of, mask_foreground
+from ray_consensus.decode import crop_geometry, image_size_of, mask_foreground
 from ray_consensus.errors import SpecError
 from ray_consensus.storage import Store, open_store, read_uri_bytes
 
@@ -80,16 +80,14 @@ def binary_mask(consensus: np.ndarray, rule: MaskRule) -> np.ndarray:
 def crop_cells(width: int, height: int, image_size: int, map_size: int) -> tuple[np.ndarray, np.ndarray]:
     """For each original column x and row y, the map-grid cell it falls in, or -1 outside the crop.
 
-    Inverts `data.square_crop` (shorter side resized to `image_size`, centre crop) followed by the
-    resampling of the crop to the `map_size` grid: an original pixel's centre maps to the nearest
-    pixel of the resized image; if that pixel is in the crop, the grid cell covering it is the answer.
-    Returns int64 (width,) and (height,) arrays.
+    Inverts `decode.square_crop` (its `crop_geometry`: shorter side resized to `image_size`, centre
+    crop) followed by the resampling of the crop to the `map_size` grid: an original pixel's centre
+    maps to the nearest pixel of the resized image; if that pixel is in the crop, the grid cell
+    covering it is the answer. Returns int64 (width,) and (height,) arrays.
     """
-    scale = image_size / min(width, height)
-    resized = (max(image_size, round(width * scale)), max(image_size, round(height * scale)))
+    nw, nh, left, top = crop_geometry(width, height, image_size)
     out = []
-    for n, r in zip((width, height), resized):
-        offset = (r - image_size) // 2
+    for n, r, offset in ((width, nw, left), (height, nh, top)):
         pixel = np.floor((np.arange(n) + 0.5) * r / n).astype(np.int64) - offset  # pixel of the crop
         cell = np.floor((pixel + 0.5) * map_size / image_size).astype(np.int64)
         out.append(np.where((pixel >= 0) & (pixel < image_size), cell, -1))

@@ -74,7 +74,7 @@ def disputed_items(store: Store, run: StoredRun) -> list[GalleryItem] | None:
 def _items(store: Store, run: StoredRun, chosen: pd.DataFrame) -> list[GalleryItem]:
     """Gallery items of the chosen images (columns image_id, shard, note), in the order given; each
     shard's consensus, scores and member maps read once."""
-    from ray_consensus.data import decode_image
+    from ray_consensus.decode import decode_image
 
     spec = run.spec
     models, side = [m.id for m in spec.committee], spec.run.map_size

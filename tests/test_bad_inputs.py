@@ -12,7 +12,7 @@ from PIL import Image
 
 from imagesets import make_image_folder, tiny_spec
 from ray_consensus.config import parse_spec
-from ray_consensus.data import DecodeError, decode_image, decode_mask
+from ray_consensus.decode import DecodeError, decode_image, decode_mask
 from ray_consensus.runner import execute
 
 ray = pytest.importorskip("ray")

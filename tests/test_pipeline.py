@@ -136,7 +136,7 @@ def test_lime_run_votes_on_the_superpixels_every_member_shares(tmp_path, local_r
     of the members' L2-normalised |weights| painted back onto them."""
     from pathlib import Path
 
-    from ray_consensus.data import decode_image
+    from ray_consensus.decode import decode_image
     from ray_consensus.explainer_params import LimeParams
     from ray_consensus.pipeline import on_grid
     from ray_consensus.superpixels import segment
