@@ -8,6 +8,9 @@ HTTP (tests/s3server.py), then through a proxy that delays each request by a rou
     .venv/bin/python benchmarks/s3_reads.py                  # 50,000 images (196 shards) x 26 members, ~3 min
     .venv/bin/python benchmarks/s3_reads.py --images 20000 --delay-ms 20
 
+The reducer's reads are timed the same way: one shard's unit of every member, pyarrow's reads one
+file after another (the code before) against `contract.read_attributions` (`Store.read_parquets`).
+
 Prints `name: ratio` lines (sequential seconds / read-ahead seconds) with `#` lines behind them.
 """
 
@@ -15,52 +18,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "benchmarks")]
 
-from s3server import S3Server  # noqa: E402
+from s3server import Proxy, S3Server  # noqa: E402
 from scale import SHARD, aggregates, spec_data  # noqa: E402
-
-
-class DelayProxy:
-    """A TCP proxy on 127.0.0.1 that holds each chunk a client sends for `delay_s` before passing it on:
-    every HTTP request then costs a round trip, as it does against a bucket across a network."""
-
-    def __init__(self, target_port: int, delay_s: float):
-        self.target, self.delay_s = target_port, delay_s
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            client, _ = self.sock.accept()
-            server = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._pipe, args=(client, server, self.delay_s), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, 0.0), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket, delay_s: float) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                if delay_s:
-                    time.sleep(delay_s)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 def end_of_run(spec, store, shards: list[int], threads: int) -> float:
@@ -84,6 +51,45 @@ def compare(name: str, spec, store, shards: list[int], default: int, rounds: int
     print(f"#   {len(shards)} shards x 4 files read at the end of the run (2 for the tables, 2 error counts); "
           f"read_threads 1: {seq:.2f} s, read_threads {default}: {ahead:.2f} s (the faster of {rounds} each)",
           flush=True)
+
+
+def member_units(store, members: int, images: int) -> list[str]:
+    """Shard 0's attribution unit of each member: `images` synthetic 56 px float32 maps (as the slots
+    write them, product defaults); returns the members' ids."""
+    import numpy as np
+
+    from ray_consensus.contract import ImageRef, attributions_file, encode_attributions
+
+    rng = np.random.default_rng(0)
+    refs = [ImageRef(f"img{i:06d}", f"s3://bench/data/{i}.png", i % 1000, None) for i in range(images)]
+    ids = [f"m{k:02d}" for k in range(members)]
+    for model_id in ids:
+        maps = rng.standard_normal((images, 56, 56)).astype(np.float32)
+        store.write_parquet(attributions_file(model_id, 0),
+                            encode_attributions(refs, rng.integers(0, 1000, images), maps, {}, "float32"))
+    return ids
+
+
+def compare_reducer(name: str, store, ids: list[str], default: int, rounds: int) -> None:
+    from ray_consensus.contract import attributions_file, read_attributions
+
+    files = [attributions_file(m, 0) for m in ids]
+    times: dict[str, list[float]] = {"pyarrow, one at a time": [], f"read_parquets, {default} ahead": [],
+                                     "read_attributions": []}
+    store.read_threads = default
+    for _ in range(rounds):
+        for label, read in zip(times, (lambda: [store.read_parquet(f) for f in files],
+                                        lambda: list(store.read_parquets(files)),
+                                        lambda: read_attributions(store, ids, 0, 56 * 56))):
+            t0 = time.perf_counter()
+            read()
+            times[label].append(time.perf_counter() - t0)
+    best = {label: min(t) for label, t in times.items()}
+    seq, ahead, decoded = best.values()
+    print(f"{name}: {seq / ahead:.1f}", flush=True)
+    print(f"#   one shard's {len(files)} member units ({SHARD} images each): " +
+          ", ".join(f"{label} {t:.2f} s" for label, t in best.items()) +
+          f" (the faster of {rounds} each; read_attributions also decodes the maps)", flush=True)
 
 
 def main() -> None:
@@ -114,12 +120,17 @@ def main() -> None:
             store.write_parquet(path, empty)
         print(f"# {args.images:,} images in {len(shards)} shards x {args.members} members on a moto server over "
               f"HTTP (written in {time.perf_counter() - t0:.0f} s); `write_tables` + `count_errors`", flush=True)
+        units = member_units(store, args.members, SHARD)
         default = S3Store.read_threads
         compare("s3_end_of_run_read_ahead_vs_sequential", spec, store, shards, default, args.rounds)
-        proxy = DelayProxy(server.port, args.delay_ms / 1000)
+        compare_reducer("s3_reducer_reads_ahead_vs_sequential", store, units, default, args.rounds)
+        proxy = Proxy(server.port, delay_s=args.delay_ms / 1000)
         os.environ["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL_S3"] = f"http://127.0.0.1:{proxy.port}"
-        compare(f"s3_end_of_run_read_ahead_vs_sequential_{args.delay_ms:g}ms_round_trip", spec,
-                S3Store("s3://bench/run"), shards, default, args.rounds)
+        delayed = S3Store("s3://bench/run")
+        compare(f"s3_end_of_run_read_ahead_vs_sequential_{args.delay_ms:g}ms_round_trip", spec, delayed, shards,
+                default, args.rounds)
+        compare_reducer(f"s3_reducer_reads_ahead_vs_sequential_{args.delay_ms:g}ms_round_trip", delayed, units,
+                        default, args.rounds)
     finally:
         server.stop(keep_state=False)
 

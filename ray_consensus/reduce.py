@@ -53,7 +53,7 @@ def load_shard(store: Store, shard: int, model_ids: list[str], map_size: int, wi
     """`with_masks`: the data set has masks, so the shard gets mask columns even when none of its masks
     decoded (an empty shard's tables have the columns of every other shard)."""
     inputs = read_inputs(store, shard)
-    members = [read_attributions(store, m, shard, map_size * map_size) for m in model_ids]
+    members = read_attributions(store, model_ids, shard, map_size * map_size)
     for model_id, a in zip(model_ids, members):
         if a.image_ids != inputs.image_ids:  # same decode, same order: anything else is a bug
             raise RuntimeError(f"shard {shard}: attributions of {model_id} do not cover the shard's inputs")

@@ -151,7 +151,8 @@ class Store:
         raise NotImplementedError
 
     def read_small_parquet(self, rel: str, columns: list[str] | None = None) -> pa.Table:
-        """`read_parquet` of a small file (S3: fetched whole in one request, not pyarrow's ranged reads)."""
+        """`read_parquet` of a per-shard file, a few MB at most (S3: fetched whole in one request, not in
+        pyarrow's ranged reads)."""
         return self.read_parquet(rel, columns)
 
     def parquet_rows(self, rel: str) -> int:
@@ -162,8 +163,9 @@ class Store:
 
     def read_parquets(self, rels: Iterable[str], columns: list[str] | None = None) -> Iterator[pa.Table]:
         """`read_small_parquet` of each path, in order, reading up to `read_threads` files ahead: a pass over
-        every shard's small files (tables, error counts) waits on many S3 requests at once instead of one
-        after another, and holds at most `read_threads` + 1 tables."""
+        every shard's small files (tables, error counts) or over a shard's member units (the reducer)
+        waits on many S3 requests at once instead of one after another, and holds at most
+        `read_threads` + 1 tables."""
         return read_ahead(lambda rel: self.read_small_parquet(rel, columns), rels, self.read_threads)
 
     def count_parquet_rows(self, rels: Iterable[str]) -> int:
@@ -403,10 +405,16 @@ class S3Store(Store):
         self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
 
     def read_bytes(self, rel):
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
-        except self.client.exceptions.NoSuchKey:
-            raise FileNotFoundError(self.uri(rel)) from None
+        from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+        for attempt in range(3):  # botocore retries the request, not a body cut off after it: ask again
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
+            except self.client.exceptions.NoSuchKey:
+                raise FileNotFoundError(self.uri(rel)) from None
+            except (IncompleteReadError, ReadTimeoutError, ResponseStreamingError):
+                if attempt == 2:
+                    raise
 
     def exists(self, rel):
         from botocore.exceptions import ClientError

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +190,48 @@ class S3Server:
         for o in objects:
             s3.put_object(Bucket=o.bucket, Key=o.key, Body=o.body, ContentType=o.content_type,
                           Metadata=o.metadata)
+
+
+class Proxy:
+    """A TCP proxy on 127.0.0.1 in front of the server, for what a network does and a local server does
+    not: `delay_s` holds each chunk a client sends for that long (every request then costs a round
+    trip, as against a bucket across a network); `cut` ends the first response longer than `cut`
+    bytes after `cut` of them and closes the connection (a body cut off once its headers arrived;
+    `cuts` counts it)."""
+
+    def __init__(self, target_port: int, delay_s: float = 0.0, cut: int | None = None):
+        self.target, self.delay_s, self.cut, self.cuts = target_port, delay_s, cut, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.sock.accept()
+            server = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, responses: bool) -> None:
+        sent = 0
+        try:
+            while data := src.recv(1 << 16):
+                if responses and self.cut is not None and not self.cuts and sent + len(data) > self.cut:
+                    self.cuts += 1
+                    dst.sendall(data[:self.cut - sent])
+                    break
+                if self.delay_s and not responses:
+                    time.sleep(self.delay_s)
+                sent += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):  # shutdown, not only close: the other direction's thread is in recv() on them
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
 
 
 def _free_port(host: str) -> int:

@@ -17,13 +17,14 @@ def test_benchmark_script_imports_and_lists_its_options(script, option):
     assert option in out.stdout
 
 
-def test_s3_reads_benchmark_runs_small_and_prints_both_lines():
+def test_s3_reads_benchmark_runs_small_and_prints_its_four_lines():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "s3_reads.py"), "--images", "768", "--members", "3",
                           "--rounds", "1", "--delay-ms", "5"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = {line.split(":")[0]: float(line.split(":")[1]) for line in out.stdout.splitlines()
              if line and not line.startswith("#")}
     assert set(lines) == {"s3_end_of_run_read_ahead_vs_sequential",
-                          "s3_end_of_run_read_ahead_vs_sequential_5ms_round_trip"}
+                          "s3_end_of_run_read_ahead_vs_sequential_5ms_round_trip",
+                          "s3_reducer_reads_ahead_vs_sequential", "s3_reducer_reads_ahead_vs_sequential_5ms_round_trip"}
     assert all(v > 0 for v in lines.values())
-    assert "3 shards x 4 files" in out.stdout
+    assert "3 shards x 4 files" in out.stdout and "one shard's 3 member units" in out.stdout

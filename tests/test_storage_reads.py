@@ -8,6 +8,8 @@ import time
 import pyarrow as pa
 import pytest
 
+from s3server import Proxy
+
 from ray_consensus.storage import LocalStore, S3Store, read_ahead
 
 
@@ -65,3 +67,17 @@ def test_read_parquets_and_row_counts_match_reading_each_file(store):
     assert store.count_parquet_rows(files) == sum(t.num_rows for t in files.values()) == 30
     with pytest.raises(FileNotFoundError):
         store.count_parquet_rows(list(files) + ["kind/shard=99999/part-0.parquet"])
+
+
+def test_an_s3_read_whose_body_is_cut_off_is_asked_again(s3_server, s3_bucket, monkeypatch):
+    """botocore retries a failed request, not a body that stops after the headers arrived; the store asks
+    again (a reduce task would otherwise fail on one dropped connection)."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    data = bytes(range(256)) * 2048  # 512 KiB
+    S3Store(f"{s3_bucket}/root").write_bytes("unit/part-0.bin", data)
+    proxy = Proxy(s3_server.port, cut=100_000)
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.port}")
+    assert S3Store(f"{s3_bucket}/root").read_bytes("unit/part-0.bin") == data
+    assert proxy.cuts == 1  # the first answer was cut short, and the store read the second one whole
