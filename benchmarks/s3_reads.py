@@ -85,7 +85,7 @@ def compare_reducer(name: str, store, ids: list[str], default: int, rounds: int)
             read()
             times[label].append(time.perf_counter() - t0)
     best = {label: min(t) for label, t in times.items()}
-    seq, ahead, decoded = best.values()
+    seq, ahead = list(best.values())[:2]
     print(f"{name}: {seq / ahead:.1f}", flush=True)
     print(f"#   one shard's {len(files)} member units ({SHARD} images each): " +
           ", ".join(f"{label} {t:.2f} s" for label, t in best.items()) +

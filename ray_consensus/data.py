@@ -251,5 +251,3 @@ def assign_shards(manifest: pd.DataFrame, previous: pd.DataFrame | None, shard_s
     new = new.assign(shard=(first + np.arange(len(new)) // shard_size).astype("int64"))
     return sort_rows(pd.concat([kept, new]), ["shard", "image_id"])
 
-
-# ---------------------------------------------------------------- decoding

@@ -354,8 +354,9 @@ class Dispatcher:
                 parts = max(1, min(ctx.spec.resources.actors_per_model, len(shards)))
                 w.todo.extend((model_id, shards[i::parts]) for i in range(parts) if shards[i::parts])
         # Ray starts workers at nice 15, below the driver and Ray's own processes: a slot's torch threads
-        # then lose their cores to every one of those (figure 1's steady state ran 5-12% behind the bare
-        # loop). Slots run at the driver's priority; decode and reduce tasks keep Ray's default.
+        # then lose their cores to every one of those (the same SmoothGrad batch ran 10% slower in an
+        # actor than in the driver). Slots run at the driver's priority, in workers of their own (a
+        # runtime env of its own takes no prestarted worker); decode and reduce tasks keep Ray's default.
         slot = ray.remote(Slot).options(num_cpus=s.slot_cpus, num_gpus=s.slot_gpus, max_restarts=-1,
                                         max_task_retries=3, runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})
         self.slots = [slot.remote(ctx) for _ in range(s.slots)]

@@ -169,7 +169,8 @@ class Store:
         return read_ahead(lambda rel: self.read_small_parquet(rel, columns), rels, self.read_threads)
 
     def count_parquet_rows(self, rels: Iterable[str]) -> int:
-        """The summed row counts of Parquet files (footers only, `read_threads` at once)."""
+        """The summed row counts of Parquet files (from their footers; no column is decoded), `read_threads`
+        at once."""
         return sum(read_ahead(self.parquet_rows, rels, self.read_threads))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
