@@ -21,6 +21,23 @@ def init_ray() -> None:
         # Ray's own loggers at ERROR: its warnings (token auth, progress bars off) are not for our users;
         # its errors, and what the workers print, still reach the console.
         ray.init(logging_level=logging.ERROR, log_to_driver=True, configure_logging=True)
+        _route_forwarded_logs()
+
+
+def _route_forwarded_logs() -> None:
+    """Put `console.RayLogs` in front of Ray's printer of forwarded logs, so that its raylet's errors read
+    as our lines and workers' output does not break the progress bar. Ray's dispatcher is private: a Ray
+    without it keeps its own printer."""
+    from ray_consensus.console import RayLogs
+
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+        with dispatcher._lock:
+            dispatcher.handlers = [(name, RayLogs(handler) if name == "ray_print_logs" else handler)
+                                   for name, handler in dispatcher.handlers]
+    except (ImportError, AttributeError):
+        pass
 
 
 def _autoscaler_node_types() -> list[tuple[dict, int]]:

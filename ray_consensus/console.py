@@ -7,28 +7,64 @@ Every line goes through `say`, which lifts the bar off the line it is drawn on a
 below, so lines and bar never interleave. Off a terminal (a `ray job submit` log, a file, CI)
 there is no bar: the runner prints a line per finished shard instead, which reads well in a log.
 Ray's own loggers are kept to errors (`cluster.init_ray`, `pipeline.quiet_ray_data`), so what
-remains is ours, or a real error from Ray.
+remains is ours, or a real error from Ray. Errors that Ray's own processes (raylet, GCS) forward to
+the driver, such as a node's disk over 95% full, become one line of ours per source (`RayLogs`);
+what workers print passes through, with the bar lifted off its line.
 """
 
 from __future__ import annotations
 
+import re
 import sys
+import threading
 import time
-from typing import TextIO
+from typing import Callable, TextIO
 
 PREFIX = "[ray-consensus]"
 BAR_WIDTH = 24
 
 _bar: Progress | None = None  # the bar on screen, if any
+_lock = threading.RLock()  # Ray's forwarded logs arrive on a thread of their own
+# A C++ log line of Ray's: "[2026-12-02 18:08:49,864 E 27487 27498] (raylet) file_system_monitor.cc:116: text".
+_RAY_CC_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,.]+ [A-Z] \d+ \d+\] (?:\(\w+\) )?(\S+:\d+): (.*)$")
 
 
 def say(msg: str) -> None:
     """One line of the project's own output."""
-    if _bar is not None:
-        _bar.clear()
-    print(f"{PREFIX} {msg}", file=sys.stderr, flush=True)
-    if _bar is not None:
-        _bar.draw()
+    with _lock:
+        if _bar is not None:
+            _bar.clear()
+        print(f"{PREFIX} {msg}", file=sys.stderr, flush=True)
+        if _bar is not None:
+            _bar.draw()
+
+
+class RayLogs:
+    """A handler for the log batches Ray forwards to the driver (`cluster.init_ray` puts it in place of
+    Ray's own printer, which it wraps). Lines of Ray's own processes become ours, each source once
+    (the raylet repeats its disk warning every few seconds); workers' output goes to `passthrough`."""
+
+    PROCESSES = ("raylet", "gcs_server")
+
+    def __init__(self, passthrough: Callable[[dict], None]):
+        self.passthrough, self.seen = passthrough, set()
+
+    def __call__(self, data: dict) -> None:
+        if data.get("pid") not in self.PROCESSES:
+            with _lock:
+                if _bar is not None:
+                    _bar.clear()
+                self.passthrough(data)
+                if _bar is not None:
+                    _bar.draw()
+            return
+        for line in data.get("lines") or []:
+            line = line.strip()
+            match = _RAY_CC_LINE.match(line)
+            source, text = match.groups() if match else (line, line)
+            if text and source not in self.seen:
+                self.seen.add(source)
+                say(f"Ray's {data['pid']}: {text}")
 
 
 def on_terminal(stream: TextIO | None = None) -> bool:
@@ -98,12 +134,14 @@ class Progress:
                 f"{eta}{extra}")
 
     def draw(self) -> None:
-        self.stream.write("\r\x1b[2K" + self.text())
-        self.stream.flush()
-        self._drawn = True
+        with _lock:
+            self.stream.write("\r\x1b[2K" + self.text())
+            self.stream.flush()
+            self._drawn = True
 
     def clear(self) -> None:
-        if self._drawn:
-            self.stream.write("\r\x1b[2K")
-            self.stream.flush()
-            self._drawn = False
+        with _lock:
+            if self._drawn:
+                self.stream.write("\r\x1b[2K")
+                self.stream.flush()
+                self._drawn = False

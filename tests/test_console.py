@@ -53,6 +53,27 @@ def test_progress_bar_counts_rate_and_time_left_and_lines_pass_above_it(monkeypa
     assert console.duration(7325) == "2h 02m"
 
 
+def test_errors_of_rays_own_processes_become_one_line_of_ours_per_source(monkeypatch):
+    from ray_consensus import console
+
+    out, passed = io.StringIO(), []
+    monkeypatch.setattr(sys, "stderr", out)
+    logs = console.RayLogs(passed.append)
+    disk = ("[2026-12-02 18:08:{s},864 E 27487 27498] (raylet) file_system_monitor.cc:116: /tmp/ray/session_x is over "
+            "95% full, available space: {gb} GB; capacity: 251.972 GB.")
+    with console.Progress(10, stream=out):
+        logs({"pid": "raylet", "is_err": True, "lines": [disk.format(s=49, gb="12.0128")]})
+        logs({"pid": "raylet", "is_err": True, "lines": [disk.format(s=59, gb="12.0001"), "a line without a source"]})
+        worker = {"pid": 123, "is_err": False, "lines": ["printed by a worker"]}
+        logs(worker)
+    lines = [ANSI.sub("", p).strip() for p in re.split(r"[\r\n]+", out.getvalue())]
+    ours = [p for p in lines if p.startswith("[ray-consensus] Ray's raylet: ")]
+    assert ours == ["[ray-consensus] Ray's raylet: /tmp/ray/session_x is over 95% full, available space: 12.0128 GB; "
+                    "capacity: 251.972 GB.", "[ray-consensus] Ray's raylet: a line without a source"], ours
+    assert not [p for p in lines if RAY_LINE.search(p)]
+    assert passed == [worker]  # a worker's batch goes to Ray's printer as it came
+
+
 def test_a_run_on_a_terminal_shows_our_lines_and_one_bar_and_no_ray_logs(tmp_path):
     data = make_image_folder(tmp_path / "ds", n_classes=2, per_class=8)
     spec_file = tmp_path / "spec.yaml"
@@ -62,6 +83,8 @@ def test_a_run_on_a_terminal_shows_our_lines_and_one_bar_and_no_ray_logs(tmp_pat
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     env.pop("RAY_ADDRESS", None)
+    # The raylet's disk warning, as on a machine whose disk is over 95% full (CI's was): over 1% here.
+    env["RAY_local_fs_capacity_threshold"] = "0.01"
     proc = subprocess.Popen([sys.executable, "-m", "ray_consensus", "run", str(spec_file)], stdout=subprocess.PIPE,
                             stderr=slave, stdin=subprocess.DEVNULL, env=env, cwd=tmp_path)
     os.close(slave)
@@ -82,6 +105,8 @@ def test_a_run_on_a_terminal_shows_our_lines_and_one_bar_and_no_ray_logs(tmp_pat
     pieces = [p for p in pieces if p]
     ray_lines = [p for p in pieces if RAY_LINE.search(p) or "WARNING" in p or "core_worker" in p]
     assert not ray_lines, ray_lines
+    disk = [p for p in pieces if p.startswith("[ray-consensus] Ray's raylet: ")]
+    assert len(disk) <= 1 and all("is over 1% full" in p for p in disk), disk
     assert all(p.startswith("[ray-consensus]") for p in pieces), [p for p in pieces if not p.startswith("[ray")]
     bars = [p for p in pieces if "image×member" in p]
     assert bars and "32/32 image×member" in bars[-1] and "done in" in bars[-1], bars
