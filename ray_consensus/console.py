@@ -18,6 +18,7 @@ import re
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from typing import Callable, TextIO
 
 PREFIX = "[ray-consensus]"
@@ -29,14 +30,21 @@ _lock = threading.RLock()  # Ray's forwarded logs arrive on a thread of their ow
 _RAY_CC_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,.]+ [A-Z] \d+ \d+\] (?:\(\w+\) )?(\S+:\d+): (.*)$")
 
 
-def say(msg: str) -> None:
-    """One line of the project's own output."""
+@contextmanager
+def _above_bar():
+    """Lift the bar off its line for what is printed inside, and draw it again below."""
     with _lock:
         if _bar is not None:
             _bar.clear()
-        print(f"{PREFIX} {msg}", file=sys.stderr, flush=True)
+        yield
         if _bar is not None:
             _bar.draw()
+
+
+def say(msg: str) -> None:
+    """One line of the project's own output."""
+    with _above_bar():
+        print(f"{PREFIX} {msg}", file=sys.stderr, flush=True)
 
 
 class RayLogs:
@@ -51,12 +59,8 @@ class RayLogs:
 
     def __call__(self, data: dict) -> None:
         if data.get("pid") not in self.PROCESSES:
-            with _lock:
-                if _bar is not None:
-                    _bar.clear()
+            with _above_bar():
                 self.passthrough(data)
-                if _bar is not None:
-                    _bar.draw()
             return
         for line in data.get("lines") or []:
             line = line.strip()
