@@ -10,7 +10,9 @@
 The schedule (`schedule.py`) fixes how many slots run and how much each holds. The driver's
 `Dispatcher` decodes the shards a window at a time (the next window while the slots work on
 the current one; two windows at most are held), and hands each idle slot a work item: one
-member over the window's shards, preferring the member the slot already holds. A slot that
+member over the window's shards, preferring the member the slot already holds. Where every
+member has slots of its own, the first window holds one shard per slot, so that explaining
+starts once those are decoded, not the whole window. A slot that
 switches members loads the next member's weights in the same process: no process per member.
 A shard is done when every member's unit of it is written; the driver then starts its reduce.
 
@@ -333,6 +335,15 @@ class Window:
         return self.blocks is not None and not self.todo and not self.running
 
 
+def split_windows(tasks: list, size: int, first: int | None = None) -> list[list]:
+    """The tasks in windows of `size`; with `first`, the first window holds only that many, so that the
+    slots start on the first shards decoded rather than on a whole window's. Only where every work item
+    has a slot of its own: a slot then keeps its member across windows and a small first window costs
+    no member load."""
+    head = min(size, first) if first else size
+    return [tasks[:head]] + [tasks[i:i + size] for i in range(head, len(tasks), size)] if tasks else []
+
+
 class Dispatcher:
     """Keeps every placed slot busy with (member, shards of a window) items until all are done."""
 
@@ -343,9 +354,10 @@ class Dispatcher:
         self.on_images = on_images or (lambda n: None)
         s = ctx.schedule
         order = [m.id for m in ctx.spec.committee]
-        size = s.window_shards or len(tasks)
-        self.n_windows = -(-len(tasks) // size)
-        self.windows = deque(Window(i, tasks[i * size:(i + 1) * size]) for i in range(self.n_windows))
+        first = ctx.spec.resources.actors_per_model if s.items <= s.slots else None  # one shard per slot
+        self.windows = deque(Window(i, part) for i, part in
+                             enumerate(split_windows(tasks, s.window_shards or len(tasks), first)))
+        self.n_windows = len(self.windows)
         for w in self.windows:
             for t in w.tasks:
                 w.left[t.shard] = set(t.attributions)
@@ -353,12 +365,10 @@ class Dispatcher:
                 shards = [t.shard for t in w.tasks if model_id in t.attributions]
                 parts = max(1, min(ctx.spec.resources.actors_per_model, len(shards)))
                 w.todo.extend((model_id, shards[i::parts]) for i in range(parts) if shards[i::parts])
-        # Ray starts workers at nice 15, below the driver and Ray's own processes: a slot's torch threads
-        # then lose their cores to every one of those (the same SmoothGrad batch ran 10% slower in an
-        # actor than in the driver). Slots run at the driver's priority, in workers of their own (a
-        # runtime env of its own takes no prestarted worker); decode and reduce tasks keep Ray's default.
+        # Slots take Ray's prestarted workers (no runtime env of their own): a slot at nice 0 instead of
+        # Ray's 15 was measured no faster (the same batch, and whole runs alternated; benchmarks/README.md).
         slot = ray.remote(Slot).options(num_cpus=s.slot_cpus, num_gpus=s.slot_gpus, max_restarts=-1,
-                                        max_task_retries=3, runtime_env={"env_vars": {"RAY_worker_niceness": "0"}})
+                                        max_task_retries=3)
         self.slots = [slot.remote(ctx) for _ in range(s.slots)]
         self.starting = {a.ready.remote(): a for a in self.slots}
         self.idle: list = []

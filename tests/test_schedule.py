@@ -67,6 +67,17 @@ def test_window_holds_what_fits_a_fifth_of_the_object_store():
     assert make_schedule(spec, 1, cap, n_shards=4).window_shards == 4
 
 
+def test_windows_keep_every_shard_once_in_order_and_a_first_window_may_be_small():
+    from ray_consensus.pipeline import split_windows
+
+    tasks = list(range(10))
+    assert split_windows(tasks, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert split_windows(tasks, 4, first=1) == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9]]
+    assert split_windows(tasks, 4, first=6) == split_windows(tasks, 4)  # never larger than the others
+    assert split_windows(tasks, 10, first=2) == [[0, 1], list(range(2, 10))]
+    assert split_windows([0], 8, first=1) == [[0]] and split_windows([], 8, first=1) == []
+
+
 # ---------------------------------------------------------------- on Ray's logical GPUs
 
 MEMBERS = ("a=resnet10t@random", "b=mobilenetv3_small_050@random", "c=lcnet_050@random", "d=resnet10t@random",
