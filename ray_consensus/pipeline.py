@@ -12,8 +12,8 @@ The schedule (`schedule.py`) fixes how many slots run and how much each holds. T
 the current one; two windows at most are held), and hands each idle slot a work item: one
 member over the window's shards, preferring the member the slot already holds. Where every
 member has slots of its own, the first window holds one shard per slot, so that explaining
-starts once those are decoded, not the whole window. A slot that
-switches members loads the next member's weights in the same process: no process per member.
+starts once those are decoded, not the whole window. A slot that switches members loads the
+next member's weights in the same process: no process per member.
 A shard is done when every member's unit of it is written; the driver then starts its reduce.
 
 Records between the stages:
