@@ -216,6 +216,7 @@ def end_to_end(work: Path, scale: float) -> dict:
 # Figures 2 and 3 use the demo committee's first 7 architectures (its 0.1.0 committee): the other 6
 # would double their time for the same ratio, and the figures stay comparable across versions.
 BENCH_COMMITTEE = DEMO_COMMITTEE[:7]
+PROBE_SAMPLES = 100  # figure 2: the samples of the probe that picks captum's thread counts
 
 
 def demo_members() -> list[MemberSpec]:
@@ -248,9 +249,13 @@ def lime_vs_captum(work: Path, scale: float) -> None:
         out = fn()
         return time.perf_counter() - t0, out
 
-    def compare(member: MemberSpec, images, segments, masks, fill) -> dict:
+    def compare(member: MemberSpec, images, segments, masks, fill, batched: bool = True) -> dict:
         """Seconds of ours and of captum per image at each thread count (interleaved), of captum with
-        our forward batch at 1 thread; the largest weight and the largest disagreement."""
+        our forward batch at 1 thread (where `batched`); the largest weight and the largest
+        disagreement. Captum per image runs in full at 1 thread, and at another count only where a
+        probe finds that count faster: its first PROBE_SAMPLES samples run twice per count, the
+        time shared between the counts as the loops' (`alternate_threads`). A batch-1 forward rarely
+        gains from a second thread, and that full run was a third of the figure's time."""
         model, pre = load_member(member, manifest.num_classes)
         step = lime.forward_batch(torch.device("cpu"), pre.size)
         out = {"size": pre.size[0], "step": step, "ours": {}, "naive": {}}
@@ -259,12 +264,24 @@ def lime_vs_captum(work: Path, scale: float) -> None:
         for threads in thread_settings():
             torch.set_num_threads(threads)
             out["ours"][threads], ours = timed(lambda: lime.explain(model, pre, images, target, segments))
-            out["naive"][threads], w = timed(lambda: captum_lime(model, pre, images, segments, target, masks, fill,
-                                                                 p, 1))
-            weights.append(w)
+        probe_masks = [m[:PROBE_SAMPLES] for m in masks]
+
+        def probe() -> int:
+            captum_lime(model, pre, images, segments, target, probe_masks, fill, p, 1)
+            return len(images)
+
+        rates = alternate_threads([probe] * (2 * len(thread_settings())), time_cap_s=float("inf"), warm_up=False)
+        out["probe"] = {t: 1 / r.per_s for t, r in rates.items()}  # seconds per image
+        for threads in thread_settings():
+            if threads == 1 or out["probe"][threads] < out["probe"][1]:
+                torch.set_num_threads(threads)
+                out["naive"][threads], w = timed(lambda: captum_lime(model, pre, images, segments, target, masks,
+                                                                     fill, p, 1))
+                weights.append(w)
         torch.set_num_threads(1)
-        out["batched"], w = timed(lambda: captum_lime(model, pre, images, segments, target, masks, fill, p, step))
-        weights.append(w)
+        if batched:
+            out["batched"], w = timed(lambda: captum_lime(model, pre, images, segments, target, masks, fill, p, step))
+            weights.append(w)
         torch.set_num_threads(DEFAULT_THREADS)
         # Like for like: the same masks, fill, kernel and surrogate must give the same weights.
         ours = ours["superpixel_weights"].double()
@@ -276,14 +293,17 @@ def lime_vs_captum(work: Path, scale: float) -> None:
         return min(r[key].values())
 
     def threads_text(r: dict, key: str) -> str:
-        return "/".join(f"{r[key][t]:.1f}" for t in sorted(r[key]))
+        return "/".join(f"{r[key][t]:.1f}" if t in r[key] else "-" for t in thread_settings())
+
+    def probe_text(r: dict) -> str:
+        return "/".join(f"{r['probe'][t] / r['probe'][1]:.2f}" for t in thread_settings())
 
     grid = 64  # the demo's run.image_size
     small = inputs(grid)
     committee = {m.id: compare(m, *small) for m in demo_members()}
     ours, naive = sum(best(r, "ours") for r in committee.values()), sum(best(r, "naive") for r in committee.values())
     batched = sum(r["batched"] for r in committee.values())
-    big = compare(MemberSpec(**parse_member("m=mobilenetv3_small_050@random")), *inputs(224))
+    big = compare(MemberSpec(**parse_member("m=mobilenetv3_small_050@random")), *inputs(224), batched=False)
     ratio = naive / ours
     say(Figure("lime_batched_vs_captum_per_image", ratio, ".1f", ">= 5", ratio >= 5).line())
     at1 = sum(r["naive"][1] for r in committee.values()) / sum(r["ours"][1] for r in committee.values())
@@ -293,18 +313,21 @@ def lime_vs_captum(work: Path, scale: float) -> None:
     say(Figure("lime_batched_vs_captum_per_image_224px_reference", best(big, "naive") / best(big, "ours"), ".1f").line())
     diff = max(r["diff"] for r in [*committee.values(), big])
     note(f"{n_images} image(s); SLIC ({p.n_segments} segments), {p.n_samples} samples, mean-colour fill, cosine "
-         f"kernel, weighted ridge, logit output; the same masks on both sides, which agree to {diff:.1e}; each side "
-         f"timed at {' and '.join(map(str, thread_settings()))} torch thread(s), interleaved per model, the faster "
-         f"counting (a batch-1 forward gains little from a second thread, a batched one nearly 2x)")
+         f"kernel, weighted ridge, logit output; the same masks on both sides, which agree to {diff:.1e}; ours timed "
+         f"at {' and '.join(map(str, thread_settings()))} torch thread(s), captum per image at 1 and at each count a "
+         f"{PROBE_SAMPLES}-sample probe found faster, per model; the faster counting (a batch-1 forward rarely gains "
+         f"from a second thread, a batched one nearly 2x)")
     note(f"headline: {len(committee)} demo members (random init) at their trained input sizes on the demo's {grid} px grid, "
          f"summed over members: ours {ours:.1f} s; captum Lime per image (perturbations_per_eval=1) {naive:.1f} s; "
          f"captum with ours' forward batch, 1 thread: {batched:.1f} s")
-    note("per member (input px, forward batch; seconds at 1/2 threads: ours; captum per image; largest weight): " +
+    note("per member (input px, forward batch; seconds at 1/2 threads: ours; captum per image, '-' not run; the "
+         "probe's time at 1/2 threads relative to 1; largest weight): " +
          "; ".join(f"{k} ({r['size']}, {r['step']}): {threads_text(r, 'ours')}; {threads_text(r, 'naive')}; "
-                   f"{r['largest']:.0e}" for k, r in committee.items()))
+                   f"{probe_text(r)}; {r['largest']:.0e}" for k, r in committee.items()))
     note(f"reference: mobilenetv3_small_050 at 224 px on a 224 px grid (a pretrained-size model on a CPU), seconds at "
          f"1/2 threads: ours (forward batch {big['step']}) {threads_text(big, 'ours')}; captum per image "
-         f"{threads_text(big, 'naive')}; at 224 px a forward's cost per image hardly falls with the batch on this CPU")
+         f"{threads_text(big, 'naive')} (probe {probe_text(big)}); at 224 px a forward's cost per image hardly "
+         f"falls with the batch on this CPU")
 
 
 # ---------------------------------------------------------------- figure 3
@@ -687,8 +710,8 @@ def header(scale: float) -> None:
         f"timm {timm.__version__}, captum {captum.__version__}, ray {ray.__version__}")
     say("# Ray: ray.init(address='local', num_cpus=2) once, before any timing; a pipeline time is the wall time of "
         "execute() and includes actor start-up. Baselines run in this process, warm, at 1 torch thread and at the "
-        "default, interleaved, the faster counting (figure 2: both sides so); figures 1 and 3 time theirs half "
-        "before and half after the pipeline run. "
+        "default, interleaved, the faster counting (figure 2: ours so, captum at 1 and at 2 where a probe finds it "
+        "faster); figures 1 and 3 time theirs half before and half after the pipeline run. "
         "'other processes': CPU used meanwhile by anything not started by this benchmark.")
     say("# compares: 1 end to end (PNG -> execute(), 1 member -> Parquet) vs the same explainer in a bare batched "
         "loop on pre-decoded images | 2 batched LIME vs captum Lime per image (same masks, fill, kernel, surrogate) | "

@@ -25,11 +25,26 @@ def cli(*args, timeout=60):
 
 
 @pytest.fixture(scope="module")
+def fast_s():
+    """The seconds a spec refused "fast" may take here: twice what a fresh interpreter takes to import
+    what `validate` imports before it refuses one (the CLI, torch, timm, timm's list of names), plus
+    5, rather than a fixed time a cold or slow machine can miss (a fixed 10 s failed once in CI, on
+    the suite's first timm import). Imported once untimed first, which also pays the cold disk cache
+    and fills the name list's cache. Starting Ray is ruled out apart: RUNNER asserts it was never
+    imported."""
+    code = "import ray_consensus.cli, timm; from ray_consensus.model_names import known_archs; known_archs()"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    t0 = time.time()
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    return 2 * (time.time() - t0) + 5
+
+
+@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("ds"), n_classes=2, per_class=3)
 
 
-def test_validate_rejects_misspelled_timm_name_before_ray(dataset, tmp_path):
+def test_validate_rejects_misspelled_timm_name_before_ray(dataset, tmp_path, fast_s):
     proc, took = cli("validate", "--dataset", str(dataset / "images"), "--model", "a=resnet1O@random",
                      "--model", "b=mobilenetv3_small_050@random", "--output", str(tmp_path / "run"))
     assert proc.returncode == 2, proc.stderr
@@ -37,7 +52,7 @@ def test_validate_rejects_misspelled_timm_name_before_ray(dataset, tmp_path):
     assert len(lines) == 1, proc.stderr
     assert "unknown timm architecture 'resnet1O'" in lines[0] and "did you mean 'resnet18'" in lines[0]
     assert "ray was imported" not in proc.stderr
-    assert took < 10
+    assert took < fast_s, (took, fast_s)
     assert not (tmp_path / "run").exists()
 
 
@@ -85,7 +100,7 @@ def test_member_flag_forms():
                                                              "weights": "/ckpt/r.safetensors"}
 
 
-def test_bad_checkpoint_and_unreadable_dataset_fail_fast(dataset, tmp_path):
+def test_bad_checkpoint_and_unreadable_dataset_fail_fast(dataset, tmp_path, fast_s):
     import torch
 
     ckpt = tmp_path / "wrong.pt"
@@ -93,7 +108,7 @@ def test_bad_checkpoint_and_unreadable_dataset_fail_fast(dataset, tmp_path):
     proc, took = cli("validate", "--dataset", str(dataset / "images"), "--model", f"a=resnet10t@{ckpt}",
                      "--output", str(tmp_path / "run"))
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "does not fit 'resnet10t'" in proc.stderr and took < 10
+    assert "does not fit 'resnet10t'" in proc.stderr and took < fast_s, (took, fast_s)
     proc, _ = cli("validate", "--dataset", str(tmp_path / "nowhere"), "--model", "a=resnet10t@random",
                   "--output", str(tmp_path / "run"))
     assert proc.returncode == 2 and "data set not found" in proc.stderr
@@ -115,11 +130,12 @@ def test_schema_lists_every_section():
     ("lime", "kernel_wdth=0.5",
      "explainer.params: unknown parameter 'kernel_wdth' for lime (did you mean 'kernel_width'?)"),
 ])
-def test_bad_explainer_parameters_are_one_line_before_ray(dataset, tmp_path, explainer, setting, message):
+def test_bad_explainer_parameters_are_one_line_before_ray(dataset, tmp_path, fast_s, explainer, setting,
+                                                         message):
     proc, took = cli("validate", "--dataset", str(dataset / "images"), "--model", "a=resnet10t@random",
                      "--output", str(tmp_path / "run"), "--explainer", explainer,
                      "--set", f"explainer.params.{setting}")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"error: {message}"]
-    assert "ray was imported" not in proc.stderr and took < 10
+    assert "ray was imported" not in proc.stderr and took < fast_s, (took, fast_s)
     assert not (tmp_path / "run").exists()

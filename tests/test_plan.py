@@ -159,23 +159,31 @@ def test_fingerprints_are_the_plain_hash_of_the_recipe_parts(base):
     assert inputs_recipe(spec) and attribution_recipe(spec, m)  # the recipes the plan used
 
 
-def test_shard_contents_are_json_dumps_of_the_rows_whatever_the_strings_hold():
+def test_shard_text_is_json_dumps_of_the_rows_whatever_the_values_hold():
+    """The inputs fingerprint hashes json.dumps of each image's row of astype(str) values: the
+    buffer the plan builds with pyarrow must hold exactly that, for strings that need escaping
+    (quotes, backslashes, non-ASCII, control characters, the '", "' that separates items), missing
+    values (NaN), integers, and objects that are not strings."""
     import json
 
     import numpy as np
     import pandas as pd
 
-    from ray_consensus.plan import _shard_contents
+    from ray_consensus.plan import CONTENT_COLUMNS, _ShardText
 
-    frame = pd.DataFrame({"image_id": ["a", 'q"uo\\te', "ünï", 'x", "y', "e\\"],
-                          "uri": ["/u/a", "/u/b", None, "/u/é", '", "'],
-                          "label": [0, 1, 2, 3, 4], "mask_uri": [None, None, "", np.nan, "/m/x"],
-                          "version": ["1-2", "", "3-4|mask:5-6", '"e"', "é"]})
-    expected = [json.dumps(row) for row in
-                frame[["image_id", "uri", "label", "mask_uri", "version"]].astype(str).to_numpy().tolist()]
-    assert _shard_contents(frame) == expected
-    full = frame.fillna("x")  # no missing values: the fast path
-    assert _shard_contents(full) == [json.dumps(row) for row in full.astype(str).to_numpy().tolist()]
+    frame = pd.DataFrame({"image_id": pd.Series(["a", 'q"uo\\te', "ünï", 'x", "y', "e\\", "t\tab\x01", "🙂"],
+                                                dtype="str"),
+                          "uri": ["/u/a", "/u/b", None, "/u/é", '", "', "/u/\x7f", "/u/🙂"],
+                          "label": [0, 1, 2, 3, 4, -5, 123456789], "mask_uri": [None, None, "", np.nan, "/m/x", 7, None],
+                          "version": ["1-2", "", "3-4|mask:5-6", '"e"', "é", "\n", "x"]})
+
+    def dumps(f: pd.DataFrame, start: int, stop: int) -> str:
+        return ", ".join(json.dumps(row) for row in f[list(CONTENT_COLUMNS)].astype(str).to_numpy().tolist()[start:stop])
+
+    for f in (frame, frame.fillna("x"), frame.fillna("x").astype({"mask_uri": str})):
+        text = _ShardText(f)
+        for start, stop in [(0, 1), (1, 4), (0, len(f)), (6, 7)]:
+            assert bytes(text(start, stop)).decode() == dumps(f, start, stop), (start, stop)
 
 
 def test_big_run_roots_are_listed_in_a_child_process_with_the_same_result(tmp_path, monkeypatch):
