@@ -28,13 +28,13 @@ from captum.attr import Lime
 from captum.attr._core.lime import get_exp_kernel_similarity_function
 from torch import Tensor, nn
 
-from ray_consensus import consensus as cm
-from ray_consensus.committee import Preprocess, resample_maps
-from ray_consensus.decode import decode_image
+from ray_consensus.dataset.decode import decode_image
+from ray_consensus.dataset.superpixels import segment
 from ray_consensus.explainers import Explainer, ScoreModel
-from ray_consensus.explainer_params import LimeParams
 from ray_consensus.explainers.lime import fill_with_mean_colours, fit_weighted_ridge, perturbation_seed, sample_masks
-from ray_consensus.superpixels import segment
+from ray_consensus.models.committee import Preprocess, resample_maps
+from ray_consensus.results import consensus as cm
+from ray_consensus.spec.explainer_params import LimeParams
 
 
 @dataclass
@@ -119,7 +119,8 @@ def smoothgrad_batches(model: nn.Module, preprocess: Preprocess, explainer: Expl
 # ---------------------------------------------------------------- figure 3
 
 def committee_lime_images(files: list[str], labels: list[int], models: list[tuple[nn.Module, Preprocess]],
-                          params: LimeParams, image_size: int, map_size: int, device: str = "cpu") -> list[Callable[[], int]]:
+                          params: LimeParams, image_size: int, map_size: int, device: str = "cpu"
+                          ) -> list[Callable[[], int]]:
     """The sequential loop as steps, one per image: read and decode the file, compute its
     superpixels, explain it with every model one after another through captum's `Lime` (one call
     per image, captum's default perturbations_per_eval=1, the masks our LIME would draw), paint the

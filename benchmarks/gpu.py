@@ -33,18 +33,23 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from baselines import alternate_threads, captum_lime, committee_lime_images, lime_masks, smoothgrad_batches, \
-    to_batch  # noqa: E402
-from run import (PHOTO, Figure, image_set, load_member, note, say, scores, spec_for, timed_execute,  # noqa: E402
-                 timings_text)
+from baselines import (
+    alternate_threads,
+    captum_lime,
+    committee_lime_images,
+    lime_masks,
+    smoothgrad_batches,
+    to_batch,
+)
+from run import PHOTO, Figure, image_set, load_member, note, say, scores, spec_for, timed_execute, timings_text
 
-from ray_consensus.config import DatasetSpec, MemberSpec, parse_member  # noqa: E402
-from ray_consensus.data import read_manifest  # noqa: E402
-from ray_consensus.decode import decode_image  # noqa: E402
-from ray_consensus.explainers import create_explainer  # noqa: E402
-from ray_consensus.explainers.lime import Lime, fill_with_mean_colours  # noqa: E402
-from ray_consensus.runner import execute  # noqa: E402
-from ray_consensus.superpixels import segment  # noqa: E402
+from ray_consensus.dataset.decode import decode_image
+from ray_consensus.dataset.manifest import read_manifest
+from ray_consensus.dataset.superpixels import segment
+from ray_consensus.explainers import create_explainer
+from ray_consensus.explainers.lime import Lime, fill_with_mean_colours
+from ray_consensus.runner import execute
+from ray_consensus.spec.config import DatasetSpec, MemberSpec, parse_member
 
 DEV = "cuda"
 SMOKE = False  # --smoke: tiny sizes on the CPU, to check this script where no GPU is
@@ -102,7 +107,8 @@ def lime_gpu(work: Path) -> None:
         largest = max(float(w.abs().max()) for w in theirs)
         bf16_diff = float((half - ours).nan_to_num().abs().max())
         say(Figure(f"lime_batched_vs_captum_per_image_gpu_{arch}", t_captum / t_ours, ".1f").line())
-        note(f"{len(images)} images 224 px, {arch} (random init), {p.n_samples} samples, SLIC {p.n_segments}: ours fp32 "
+        note(f"{len(images)} images 224 px, {arch} (random init), {p.n_samples} samples, SLIC {p.n_segments}: "
+             f"ours fp32 "
              f"{t_ours:.2f} s (forward batch {lime.forward_batch(torch.device(DEV), pre.size)}), bf16 autocast "
              f"{t_half:.2f} s; captum per image (perturbations_per_eval=1) {t_captum:.2f} s; max |ours - captum| "
              f"{diff:.1e} (largest weight {largest:.1e}); bf16 vs fp32 weights max diff {bf16_diff:.1e}")
@@ -154,7 +160,8 @@ def committee_gpu(work: Path) -> None:
     members = ["resnet50", "mobilenetv3_small_050", "convnext_atto", "regnetx_002"][:size(4, 2)]
     params = {"n_samples": size(1000, 20)}
     spec = spec_for(data, work / "committee-run", [f"{a}@random" for a in members], params,
-                    explainer={"name": "lime"}, run={"shard_size": 32}, resources={"num_gpus": gpus(0.25), "batch_size": 32})
+                    explainer={"name": "lime"}, run={"shard_size": 32},
+                    resources={"num_gpus": gpus(0.25), "batch_size": 32})
     manifest = read_manifest(spec.dataset)
     models = [on_gpu(f"{a}@random", manifest.num_classes) for a in members]
     steps = committee_lime_images(list(manifest.table["uri"]), list(manifest.table["label"]), models,

@@ -46,8 +46,8 @@ class Monitor:
     """
 
     def __init__(self, interval_s: float = 0.5, memory: bool = True):
-        import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
         import psutil
+        import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
 
         self._psutil = psutil
         self.interval_s = interval_s

@@ -29,7 +29,6 @@ import dataclasses
 import functools
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,25 +44,34 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]  # baselines, monitor; the tests' PNG image sets
 
-from baselines import (DEFAULT_THREADS, alternate_threads, captum_lime, committee_lime_images,  # noqa: E402
-                       lime_masks, merged, smoothgrad_batches, thread_settings, to_batch)
-from imagesets import make_image_folder  # noqa: E402
-from monitor import Monitor, Usage, combined  # noqa: E402
+from baselines import (
+    DEFAULT_THREADS,
+    alternate_threads,
+    captum_lime,
+    committee_lime_images,
+    lime_masks,
+    merged,
+    smoothgrad_batches,
+    thread_settings,
+    to_batch,
+)
+from imagesets import make_image_folder
+from monitor import Monitor, Usage, combined
 
-from ray_consensus import consensus as cm  # noqa: E402
-from ray_consensus.cli import DEMO_EXPLAINER_PARAMS, demo_spec  # noqa: E402
-from ray_consensus.committee import Preprocess, create_member_model, member_data_config  # noqa: E402
-from ray_consensus.config import DatasetSpec, MemberSpec, RunSpec, parse_member, parse_spec  # noqa: E402
-from ray_consensus.data import read_manifest  # noqa: E402
-from ray_consensus.decode import decode_image  # noqa: E402
-from ray_consensus.demo import DEMO_COMMITTEE, model_kwargs  # noqa: E402
-from ray_consensus.explainers import ScoreModel, create_explainer  # noqa: E402
-from ray_consensus.explainers.lime import Lime, fill_with_mean_colours  # noqa: E402
-from ray_consensus.model_names import known_archs  # noqa: E402
-from ray_consensus.plan import make_plan  # noqa: E402
-from ray_consensus.preflight import preflight  # noqa: E402
-from ray_consensus.runner import execute  # noqa: E402
-from ray_consensus.superpixels import segment  # noqa: E402
+from ray_consensus.cli import DEMO_EXPLAINER_PARAMS, demo_spec
+from ray_consensus.dataset.decode import decode_image
+from ray_consensus.dataset.manifest import read_manifest
+from ray_consensus.dataset.superpixels import segment
+from ray_consensus.demo.build import DEMO_COMMITTEE, model_kwargs
+from ray_consensus.explainers import ScoreModel, create_explainer
+from ray_consensus.explainers.lime import Lime, fill_with_mean_colours
+from ray_consensus.models.committee import Preprocess, create_member_model, member_data_config
+from ray_consensus.models.names import known_archs
+from ray_consensus.planning.plan import make_plan
+from ray_consensus.planning.preflight import preflight
+from ray_consensus.results import consensus as cm
+from ray_consensus.runner import execute
+from ray_consensus.spec.config import DatasetSpec, MemberSpec, RunSpec, parse_member, parse_spec
 
 PHOTO = (240, 320)  # (h, w) of the generated PNGs: decoded, resized and cropped like real photos
 
@@ -153,8 +161,8 @@ def timings_text(info: dict) -> str:
 
 def slots_of(spec: RunSpec):
     """The schedule of this spec on this cluster: slots, CPUs and torch threads of each."""
-    from ray_consensus.cluster import cluster_capacity
-    from ray_consensus.schedule import make_schedule
+    from ray_consensus.planning.cluster import cluster_capacity
+    from ray_consensus.planning.schedule import make_schedule
 
     return make_schedule(spec, len(spec.committee), cluster_capacity(spec), 1)
 
@@ -310,14 +318,16 @@ def lime_vs_captum(work: Path, scale: float) -> None:
     say(Figure("lime_batched_vs_captum_per_image_1_thread_reference", at1, ".1f").line())
     say(Figure("lime_batched_vs_captum_batched_1_thread_reference", batched / sum(r["ours"][1] for r in
                                                                                    committee.values()), ".2f").line())
-    say(Figure("lime_batched_vs_captum_per_image_224px_reference", best(big, "naive") / best(big, "ours"), ".1f").line())
+    say(Figure("lime_batched_vs_captum_per_image_224px_reference", best(big, "naive") / best(big, "ours"),
+               ".1f").line())
     diff = max(r["diff"] for r in [*committee.values(), big])
     note(f"{n_images} image(s); SLIC ({p.n_segments} segments), {p.n_samples} samples, mean-colour fill, cosine "
          f"kernel, weighted ridge, logit output; the same masks on both sides, which agree to {diff:.1e}; ours timed "
          f"at {' and '.join(map(str, thread_settings()))} torch thread(s), captum per image at 1 and at each count a "
          f"{PROBE_SAMPLES}-sample probe found faster, per model; the faster counting (a batch-1 forward rarely gains "
          f"from a second thread, a batched one nearly 2x)")
-    note(f"headline: {len(committee)} demo members (random init) at their trained input sizes on the demo's {grid} px grid, "
+    note(f"headline: {len(committee)} demo members (random init) at their trained input sizes on the demo's "
+         f"{grid} px grid, "
          f"summed over members: ours {ours:.1f} s; captum Lime per image (perturbations_per_eval=1) {naive:.1f} s; "
          f"captum with ours' forward batch, 1 thread: {batched:.1f} s")
     note("per member (input px, forward batch; seconds at 1/2 threads: ours; captum per image, '-' not run; the "
@@ -353,7 +363,8 @@ def committee_vs_sequential(work: Path, scale: float) -> tuple[dict, RunSpec]:
     say(Figure("committee_pipeline_vs_sequential_loop", ratio, ".2f", ">= 3", ratio >= 3).line())
     sched = slots_of(spec)
     note(f"{n} PNG images with masks; the demo's first {len(members)} architectures at their trained input "
-         f"sizes (random init) and LIME run ({params}, {spec.run.image_size} px grid, {spec.run.map_size} px maps, batch "
+         f"sizes (random init) and LIME run ({params}, {spec.run.image_size} px grid, {spec.run.map_size} px maps, "
+         f"batch "
          f"{spec.resources.batch_size}, shard_size {spec.run.shard_size}); {len(members)} members on {sched.slots} "
          f"slot(s) x {sched.slot_cpus:g} CPU -> {sched.torch_threads} torch thread(s) each")
     note(f"pipeline: {n / used.wall_s:.2f} img/s ({n} images, {used.wall_s:.1f} s wall of execute(), actor start-up "
@@ -399,7 +410,7 @@ def reducer_share(committee: tuple[dict, RunSpec], others: dict[str, dict]) -> N
     share = t["reduce_s"] / t["attributions_s"]
     say(Figure("reducer_share_of_attribution", share, ".1%", "<= 5%", share <= 0.05).line())
     # The same reduction in this process, without Ray: what reduce_s costs beyond the math.
-    from ray_consensus.reduce import reduce_shard
+    from ray_consensus.results.reduce import reduce_shard
 
     store, manifest, _ = preflight(spec, check_weights=False, list_units=False)
     plan = make_plan(spec, store, manifest)
@@ -647,8 +658,8 @@ def plan_million(work: Path, scale: float) -> None:
     env.update(PYTHONPATH=os.pathsep.join(sys.path), HF_HOME=str(root / "hf"), TORCH_HOME=str(root / "torch"),
                HF_HUB_OFFLINE="1")  # the members' weights from the placeholder cache scale.py made
     known_archs()  # timm's name list cached for this timm version, as after a first `validate`
-    from ray_consensus.config import load_spec_file, parse_spec
-    from ray_consensus.pretrained import pretrained_source, save_known_sources
+    from ray_consensus.models.pretrained import pretrained_source, save_known_sources
+    from ray_consensus.spec.config import load_spec_file, parse_spec
 
     for member in parse_spec(load_spec_file(root / "spec.yaml")).committee:
         pretrained_source(member)  # and the members' weight sources, as after a first `validate`

@@ -26,13 +26,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "benchmarks")]
 
-from s3server import Proxy, S3Server  # noqa: E402
-from scale import SHARD, aggregates, spec_data  # noqa: E402
+from s3server import Proxy, S3Server
+from scale import SHARD, aggregates, spec_data
 
 
 def end_of_run(spec, store, shards: list[int], threads: int) -> float:
-    from ray_consensus.contract import count_errors
-    from ray_consensus.tables import write_tables
+    from ray_consensus.results.tables import write_tables
+    from ray_consensus.runroot.contract import count_errors
 
     store.read_threads = threads
     t0 = time.perf_counter()
@@ -58,7 +58,7 @@ def member_units(store, members: int, images: int) -> list[str]:
     write them, product defaults); returns the members' ids."""
     import numpy as np
 
-    from ray_consensus.contract import ImageRef, attributions_file, encode_attributions
+    from ray_consensus.runroot.contract import ImageRef, attributions_file, encode_attributions
 
     rng = np.random.default_rng(0)
     refs = [ImageRef(f"img{i:06d}", f"s3://bench/data/{i}.png", i % 1000, None) for i in range(images)]
@@ -71,7 +71,7 @@ def member_units(store, members: int, images: int) -> list[str]:
 
 
 def compare_reducer(name: str, store, ids: list[str], default: int, rounds: int) -> None:
-    from ray_consensus.contract import attributions_file, read_attributions
+    from ray_consensus.runroot.contract import attributions_file, read_attributions
 
     files = [attributions_file(m, 0) for m in ids]
     times: dict[str, list[float]] = {"pyarrow, one at a time": [], f"read_parquets, {default} ahead": [],
@@ -100,9 +100,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
-    from ray_consensus.config import parse_spec
-    from ray_consensus.contract import MANIFEST_ERRORS_FILE, errors_table, file_of, member_errors_file
-    from ray_consensus.storage import S3Store
+    from ray_consensus.runroot.contract import MANIFEST_ERRORS_FILE, errors_table, file_of, member_errors_file
+    from ray_consensus.spec.config import parse_spec
+    from ray_consensus.storage.store import S3Store
 
     server = S3Server()
     server.start()

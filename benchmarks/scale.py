@@ -25,7 +25,8 @@ SHARD = 256
 
 
 def spec_data(root: Path, members: int, dataset: str = "unused") -> dict:
-    return {"dataset": {"path": dataset, "num_classes": 1000}, "run": {"output": str(root / "run"), "shard_size": SHARD},
+    return {"dataset": {"path": dataset, "num_classes": 1000},
+            "run": {"output": str(root / "run"), "shard_size": SHARD},
             "committee": [{"id": f"m{i:02d}", "arch": "resnet18"} for i in range(members)]}
 
 
@@ -33,11 +34,11 @@ def aggregates(root: Path, images: int, members: int, store=None) -> None:
     """Per shard, the real reducer's aggregates and sub-committee sums of synthetic scores: member k's
     consensus score ~ N(0.5 + 0.01 k, 0.2), correct with probability 0.5 + 0.01 k, masks' AP ~ U(0, 1).
     Written to `store` (default: the local run root under `root`)."""
-    from ray_consensus.config import parse_spec
-    from ray_consensus.contract import encode_aggregates, encode_subcommittees, file_of
-    from ray_consensus.plan import robustness_sizes, subcommittees
-    from ray_consensus.reduce import shard_aggregates
-    from ray_consensus.storage import LocalStore
+    from ray_consensus.planning.plan import robustness_sizes, subcommittees
+    from ray_consensus.results.reduce import shard_aggregates
+    from ray_consensus.runroot.contract import encode_aggregates, encode_subcommittees, file_of
+    from ray_consensus.spec.config import parse_spec
+    from ray_consensus.storage.store import LocalStore
 
     spec = parse_spec(spec_data(root, members))
     store = store or LocalStore(spec.run.output)
@@ -58,9 +59,9 @@ def aggregates(root: Path, images: int, members: int, store=None) -> None:
 
 
 def tables(root: Path, images: int, members: int) -> None:
-    from ray_consensus.config import parse_spec
-    from ray_consensus.storage import LocalStore
-    from ray_consensus.tables import write_tables
+    from ray_consensus.results.tables import write_tables
+    from ray_consensus.spec.config import parse_spec
+    from ray_consensus.storage.store import LocalStore
 
     spec = parse_spec(spec_data(root, members))
     shards = list(range(-(-images // SHARD)))
@@ -84,12 +85,12 @@ def million(root: Path, members: int) -> None:
     all of them but the last (a member added: its 3,907 units are the plan's work)."""
     import pandas as pd
 
-    from ray_consensus.config import parse_spec
-    from ray_consensus.contract import write_manifest
-    from ray_consensus.data import read_manifest
-    from ray_consensus.plan import make_plan
-    from ray_consensus.storage import LocalStore
-    from ray_consensus.units import MARKER
+    from ray_consensus.dataset.manifest import read_manifest
+    from ray_consensus.planning.plan import make_plan
+    from ray_consensus.runroot.contract import write_manifest
+    from ray_consensus.runroot.units import MARKER
+    from ray_consensus.spec.config import parse_spec
+    from ray_consensus.storage.store import LocalStore
 
     n = 1_000_000
     rng = np.random.default_rng(0)

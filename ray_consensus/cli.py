@@ -15,8 +15,8 @@ from typing import Optional
 import typer
 import yaml
 
-from ray_consensus.config import load_spec_file, parse_member, parse_spec
 from ray_consensus.errors import SpecError
+from ray_consensus.spec.config import load_spec_file, parse_member, parse_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cross-model consensus of explanations for image classifiers, on Ray.")
@@ -69,8 +69,8 @@ def build_spec(spec_file: Optional[Path], dataset=None, models=None, explainer=N
 
 def _guard(fn, *args, **kwargs):
     from ray_consensus.errors import ClusterError, RunFailed
-    from ray_consensus.lease import LeaseHeld
-    from ray_consensus.storage import StorageError
+    from ray_consensus.storage.lease import LeaseHeld
+    from ray_consensus.storage.store import StorageError
 
     try:
         return fn(*args, **kwargs)
@@ -97,7 +97,7 @@ def run(spec_file: Optional[Path] = SPEC_ARG, dataset: Optional[str] = DATASET,
 def _print_result(spec, info: dict) -> None:
     import pandas as pd
 
-    from ray_consensus.storage import open_store
+    from ray_consensus.storage.store import open_store
 
     store = open_store(spec.run.output, spec.storage)
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 3):
@@ -105,7 +105,8 @@ def _print_result(spec, info: dict) -> None:
         typer.echo("")
         typer.echo(store.read_parquet("tables/correlations.parquet").to_pandas().to_string(index=False))
     c = info["units_computed"]
-    typer.echo(f"\nrun root: {store.root}\nreport: {store.uri('report/index.html')}\nunits computed: {c['attributions']} attribution, {c['reduce']} reduce; "
+    typer.echo(f"\nrun root: {store.root}\nreport: {store.uri('report/index.html')}\n"
+               f"units computed: {c['attributions']} attribution, {c['reduce']} reduce; "
                f"skipped: {info['units_skipped']['attributions']} attribution; errors: {info['counts']['errors']}; "
                f"total {info['timings']['total_s']:.1f}s")
 
@@ -119,12 +120,12 @@ def validate(spec_file: Optional[Path] = SPEC_ARG, dataset: Optional[str] = DATA
     """Check a spec in seconds, without Ray, and print the plan (images, shards, models, passes) and the
     schedule (slots, rounds, resources)."""
     if schema:
-        from ray_consensus.config import schema_text
+        from ray_consensus.spec.config import schema_text
 
         typer.echo(schema_text())
         return
-    from ray_consensus.plan import make_plan
-    from ray_consensus.preflight import preflight
+    from ray_consensus.planning.plan import make_plan
+    from ray_consensus.planning.preflight import preflight
 
     spec = _guard(build_spec, spec_file, dataset, model, explainer, output, set_)
     store, manifest, listing = _guard(preflight, spec)
@@ -152,7 +153,7 @@ def validate(spec_file: Optional[Path] = SPEC_ARG, dataset: Optional[str] = DATA
 
 def planned_schedule(spec, plan) -> str:
     """The schedule `run` would use, for the capacity validate can know without a cluster."""
-    from ray_consensus.schedule import Capacity, make_schedule
+    from ray_consensus.planning.schedule import Capacity, make_schedule
 
     attribute = plan.to_attribute()
     members = {m for p in attribute for m in p.models_to_compute}
@@ -168,7 +169,7 @@ def planned_schedule(spec, plan) -> str:
 def status(run_root: str = typer.Argument(..., help="run root (local folder or s3://bucket/prefix)"),
            as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
     """What is done and missing, per model and shard."""
-    from ray_consensus.status import run_status
+    from ray_consensus.runroot.status import run_status
 
     st = _guard(run_status, run_root)
     if as_json:
@@ -199,8 +200,8 @@ def _ranges(values: list[int]) -> str:
 @app.command()
 def report(run_root: str = typer.Argument(..., help="run root (local folder or s3://bucket/prefix)")):
     """(Re)write report/index.html from a finished run."""
-    from ray_consensus.reporting import write_report
-    from ray_consensus.storage import open_store
+    from ray_consensus.report.collect import write_report
+    from ray_consensus.storage.store import open_store
 
     typer.echo(_guard(lambda: write_report(open_store(run_root))))
 
@@ -215,13 +216,15 @@ def export_masks(run_root: str = typer.Argument(..., help="run root (local folde
                  quiet: bool = typer.Option(False, "--quiet", "-q")):
     """Pseudo segmentation masks from the consensus of every voted image, in each image's own pixel grid
     (0 background, 1 foreground, 255 outside the shared crop), with their IoU against ground-truth masks."""
-    from ray_consensus.pseudo_masks import MaskRule, export_masks as export
+    from ray_consensus.report.pseudo_masks import MaskRule
+    from ray_consensus.report.pseudo_masks import export_masks as export
 
     summary = _guard(lambda: export(run_root, out, MaskRule(rule, fraction, threshold),
                                     None if quiet else lambda m: typer.echo(m, err=True)))
     line = f"wrote {summary['masks']} masks ({summary['rule']}) to {out}"
     if summary["mean_iou"] is not None:
-        line += f"; mean IoU against the ground-truth masks {summary['mean_iou']:.3f} ({summary['with_ground_truth']} images)"
+        line += (f"; mean IoU against the ground-truth masks {summary['mean_iou']:.3f} "
+                 f"({summary['with_ground_truth']} images)")
     typer.echo(line)
 
 
@@ -235,7 +238,7 @@ def demo(output: str = typer.Option(..., "--output", "-o", help="run root for th
          force: bool = typer.Option(False, "--force", help="recompute every unit"),
          quiet: bool = typer.Option(False, "--quiet", "-q")):
     """Build (or reuse) the offline demo data set and committee, then run the full job into OUTPUT."""
-    from ray_consensus.demo import default_cache_dir, ensure_demo
+    from ray_consensus.demo.build import default_cache_dir, ensure_demo
     from ray_consensus.runner import execute
 
     root, committee = ensure_demo(cache or default_cache_dir(), progress=not quiet)

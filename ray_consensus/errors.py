@@ -27,3 +27,10 @@ def suggest(word: str, valid: Iterable[str]) -> str:
     valid = list(valid)
     close = difflib.get_close_matches(str(word), valid, n=1)
     return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(valid)})"
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none: what a one-line
+    error says of the exception that caused it."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -19,16 +19,16 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 
-from ray_consensus.config import RunSpec
 from ray_consensus.console import Progress, on_terminal, say
-from ray_consensus.contract import RUN_FILE, count_errors, write_manifest
-from ray_consensus.data import Manifest
-from ray_consensus.errors import RunFailed
-from ray_consensus.plan import Plan, make_plan
-from ray_consensus.preflight import preflight
-from ray_consensus.schedule import Schedule, make_schedule
-from ray_consensus.storage import Store
-from ray_consensus.units import remove_shards
+from ray_consensus.dataset.manifest import Manifest
+from ray_consensus.errors import RunFailed, first_line
+from ray_consensus.planning.plan import Plan, make_plan
+from ray_consensus.planning.preflight import preflight
+from ray_consensus.planning.schedule import Schedule, make_schedule
+from ray_consensus.runroot.contract import RUN_FILE, count_errors, write_manifest
+from ray_consensus.runroot.units import remove_shards
+from ray_consensus.spec.config import RunSpec
+from ray_consensus.storage.store import Store
 
 
 def execute(spec: RunSpec, force: bool = False, progress: bool = True, report: bool = True) -> dict:
@@ -37,9 +37,9 @@ def execute(spec: RunSpec, force: bool = False, progress: bool = True, report: b
     Nothing is written before the run root is leased, and the lease is taken only once the plan's
     schedule fits the cluster: a member that could never be placed fails with one line first.
     """
-    from ray_consensus.lease import Lease
-    from ray_consensus.reporting import write_report
-    from ray_consensus.tables import write_tables
+    from ray_consensus.report.collect import write_report
+    from ray_consensus.results.tables import write_tables
+    from ray_consensus.storage.lease import Lease
 
     t0 = time.time()
     store, manifest, listing = preflight(spec, list_units=not force)
@@ -100,10 +100,9 @@ def recorded(store: Store, driver: dict):
         try:
             info = store.read_json(RUN_FILE)
             if (info.get("driver") or {}).get("run_id") == driver["run_id"]:
-                message = (str(e).strip().splitlines() or [""])[0]
                 info.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                             updated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            error=message if isinstance(e, RunFailed) else f"{type(e).__name__}: {message}")
+                            error=first_line(e) if isinstance(e, RunFailed) else f"{type(e).__name__}: {first_line(e)}")
                 store.write_json(RUN_FILE, info)
         except Exception:  # the store may be what failed (a full disk): `status` still sees the lease gone
             pass
@@ -113,7 +112,7 @@ def recorded(store: Store, driver: dict):
 def plan_schedule(spec: RunSpec, plan: Plan) -> Schedule | None:
     """Join the cluster and fit the plan's work to it (None: nothing for Ray to do). Raises SpecError
     when a slot could never be placed."""
-    from ray_consensus.cluster import cluster_capacity, init_ray
+    from ray_consensus.planning.cluster import cluster_capacity, init_ray
 
     attribute, to_reduce = plan.to_attribute(), plan.to_reduce()
     if not attribute and not to_reduce:
@@ -133,8 +132,8 @@ def run_cluster(spec: RunSpec, store: Store, manifest: Manifest, plan: Plan, sch
         return 0, 0, timings
     import ray
 
-    from ray_consensus.pipeline import ShardTask, StageContext, run_attributions, segmentation_of
-    from ray_consensus.reduce import reduce_shard
+    from ray_consensus.attribution.pipeline import ShardTask, StageContext, run_attributions, segmentation_of
+    from ray_consensus.results.reduce import reduce_shard
 
     attribute, to_reduce = plan.to_attribute(), {p.shard: p for p in plan.to_reduce()}
     ctx = StageContext(spec, manifest.num_classes, store, schedule, segmentation_of(spec))

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from s3server import S3Server
 
 
@@ -49,7 +48,7 @@ def legacy_root(s3_server, tmp_path, monkeypatch):
         client.upload_file(str(path), fixture.BUCKET, f"data/{path.relative_to(LEGACY / 'data').as_posix()}")
     root = tmp_path / "run"
     shutil.copytree(LEGACY / "run", root)
-    from ray_consensus.config import parse_spec
+    from ray_consensus.spec.config import parse_spec
 
     yield root, parse_spec(fixture.spec(str(root)))
     import ray
@@ -64,8 +63,8 @@ def _broken_copy(path: Path, value: float) -> str:
     `value`, as a safetensors checkpoint."""
     from safetensors.torch import save_file
 
-    from ray_consensus.committee import create_member_model
-    from ray_consensus.config import MemberSpec
+    from ray_consensus.models.committee import create_member_model
+    from ray_consensus.spec.config import MemberSpec
 
     model = create_member_model(MemberSpec(id="a", arch="resnet10t", weights="random"), 2)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -84,10 +83,10 @@ def broken_member_runs(tmp_path_factory) -> dict:
     import pandas as pd
     import pyarrow.parquet as pq
     import ray
-
     from imagesets import make_image_folder, tiny_spec
-    from ray_consensus.config import parse_spec
+
     from ray_consensus.runner import execute
+    from ray_consensus.spec.config import parse_spec
 
     tmp = tmp_path_factory.mktemp("broken-members")
     data = make_image_folder(tmp / "ds", n_classes=2, per_class=4)

@@ -25,7 +25,7 @@ def placeholder_weights(members, hf_home: Path, torch_home: Path) -> None:
     """An empty file where each pretrained member's weights would be cached (HF_HOME's hub cache, or
     TORCH_HOME's checkpoints for the few tags timm loads from a URL): enough for `validate`, which
     looks for the files and reads none of them."""
-    from ray_consensus.pretrained import pretrained_source
+    from ray_consensus.models.pretrained import pretrained_source
 
     for member in members:
         source = pretrained_source(member)

@@ -37,7 +37,7 @@ def tiny_spec(dataset: Path, output: str, models=("a=resnet10t@random", "b=mobil
               **sections) -> dict:
     """Spec data for a fast run: 32 px crops, 16 px maps, few SmoothGrad samples, members fed 64 px
     inputs (timm's default for these architectures is 176-224 px: 8-12x the compute per image)."""
-    from ray_consensus.config import parse_member
+    from ray_consensus.spec.config import parse_member
 
     data = {
         "dataset": {"path": str(dataset / "images"),

@@ -41,7 +41,8 @@ class S3Server:
     the S3 API and `start()` puts them back on the same port: a stop/start pair behaves
     like an outage of a real store, whose data survives (objects with their content type
     and user metadata; not versions, tags or unfinished multipart uploads).
-    `stop(keep_state=False)` drops them instead. moto's own `/moto-api/` does not cover this: `reset` only wipes, and its
+    `stop(keep_state=False)` drops them instead. moto's own `/moto-api/` does not cover this: `reset`
+    only wipes, and its
     request recorder replays raw requests, which breaks on multipart uploads (new upload
     ids) and can interleave log lines under concurrent writers.
     """

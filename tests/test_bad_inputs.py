@@ -8,12 +8,12 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from imagesets import make_image_folder, tiny_spec
 from PIL import Image
 
-from imagesets import make_image_folder, tiny_spec
-from ray_consensus.config import parse_spec
-from ray_consensus.decode import DecodeError, decode_image, decode_mask
+from ray_consensus.dataset.decode import DecodeError, decode_image, decode_mask
 from ray_consensus.runner import execute
+from ray_consensus.spec.config import parse_spec
 
 ray = pytest.importorskip("ray")
 

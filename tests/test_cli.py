@@ -7,10 +7,10 @@ import sys
 import time
 
 import pytest
-
-from ray_consensus.config import load_spec_file, parse_member, parse_spec
-from ray_consensus.errors import SpecError
 from imagesets import make_image_folder
+
+from ray_consensus.errors import SpecError
+from ray_consensus.spec.config import load_spec_file, parse_member, parse_spec
 
 # Imports the CLI and runs it; afterwards asserts Ray was never imported (no cluster work started).
 RUNNER = ("import sys; from ray_consensus.cli import app\n"
@@ -32,7 +32,7 @@ def fast_s():
     the suite's first timm import). Imported once untimed first, which also pays the cold disk cache
     and fills the name list's cache. Starting Ray is ruled out apart: RUNNER asserts it was never
     imported."""
-    code = "import ray_consensus.cli, timm; from ray_consensus.model_names import known_archs; known_archs()"
+    code = "import ray_consensus.cli, timm; from ray_consensus.models.names import known_archs; known_archs()"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
     t0 = time.time()
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -15,7 +15,7 @@ import pytest
 import ray
 import yaml
 
-from ray_consensus.config import load_spec_file, parse_spec
+from ray_consensus.spec.config import load_spec_file, parse_spec
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = yaml.safe_load((REPO / "cluster.yaml").read_text())
@@ -97,7 +97,7 @@ def test_setup_installs_the_wheel_that_file_mounts_upload():
 
 @pytest.mark.parametrize("path", SPECS, ids=lambda p: p.name)
 def test_job_specs_parse_with_the_run_schema(path):
-    from ray_consensus.config import load_spec_file, parse_spec
+    from ray_consensus.spec.config import load_spec_file, parse_spec
 
     spec = parse_spec(load_spec_file(path))
     assert spec.storage.access_key_id is None and spec.storage.secret_access_key is None
@@ -138,7 +138,8 @@ def test_paper_committee_validates_in_seconds_and_shows_its_schedule(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", TORCH_HOME=str(tmp_path / "torch"))
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "ray_consensus", "validate", str(REPO / "jobs" / "paper-committee.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "ray_consensus", "validate",
+                           str(REPO / "jobs" / "paper-committee.yaml"),
                            "--dataset", str(tmp_path / "manifest.parquet"), "--output", str(tmp_path / "run")],
                           capture_output=True, text=True, timeout=120, env=env)
     took = time.time() - t0
@@ -152,9 +153,10 @@ def test_paper_committee_validates_in_seconds_and_shows_its_schedule(tmp_path):
 
 def test_demo_spec_rebuilds_the_demo_committee_as_trained():
     import timm
-    from ray_consensus.committee import create_member_model, member_data_config
-    from ray_consensus.config import MemberSpec, load_spec_file, parse_spec
-    from ray_consensus.demo import DEMO_COMMITTEE
+
+    from ray_consensus.demo.build import DEMO_COMMITTEE
+    from ray_consensus.models.committee import create_member_model, member_data_config
+    from ray_consensus.spec.config import MemberSpec, load_spec_file, parse_spec
 
     spec = parse_spec(load_spec_file(REPO / "jobs" / "demo-local-s3.yaml"))
     assert [(m.id, m.arch) for m in spec.committee] == [(r.id, r.arch) for r in DEMO_COMMITTEE]
@@ -169,7 +171,7 @@ def test_demo_spec_rebuilds_the_demo_committee_as_trained():
 
 
 def test_voc_spec_counts_only_object_pixels_as_foreground():
-    from ray_consensus.config import load_spec_file, parse_spec
+    from ray_consensus.spec.config import load_spec_file, parse_spec
 
     spec = parse_spec(load_spec_file(REPO / "jobs" / "voc-masks.yaml"))
     assert spec.dataset.mask_foreground == "nonzero_not_255"
@@ -187,10 +189,11 @@ def test_runtime_env_is_accepted_by_ray_and_holds_no_credentials():
 
 
 def test_stage_demo_copies_a_demo_that_a_spec_reads_back_from_s3(s3_server, s3_bucket, tmp_path, monkeypatch):
-    from ray_consensus.committee import create_member_model
-    from ray_consensus.config import DatasetSpec, MemberSpec
-    from ray_consensus.data import read_manifest
-    from ray_consensus.demo import DatasetSpec as DemoData, MemberRecipe
+    from ray_consensus.dataset.manifest import read_manifest
+    from ray_consensus.demo.build import DatasetSpec as DemoData
+    from ray_consensus.demo.build import MemberRecipe
+    from ray_consensus.models.committee import create_member_model
+    from ray_consensus.spec.config import DatasetSpec, MemberSpec
 
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
@@ -255,6 +258,7 @@ def _cli_invocations(path: Path):
 
 def test_ray_consensus_commands_in_docs_are_ones_the_cli_accepts():
     import typer.main
+
     from ray_consensus.cli import app
 
     commands = typer.main.get_command(app).commands

@@ -1,19 +1,18 @@
-"""Specification of the consensus math (ray_consensus.consensus) by hand-computed cases.
+"""Specification of the consensus math (ray_consensus.results.consensus) by hand-computed cases.
 
 The running example is a committee of 3 models explaining one 2x2 image; maps are
 flattened row-major, so pixel order is (top-left, top-right, bottom-left, bottom-right).
 """
 
 import math
-import warnings
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from ray_consensus import consensus
-from ray_consensus.plan import subcommittees
-from ray_consensus.consensus import (
+from ray_consensus.planning.plan import subcommittees
+from ray_consensus.results import consensus
+from ray_consensus.results.consensus import (
     alignment,
     block_bootstrap_means,
     correlation,

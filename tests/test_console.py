@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import yaml
-
 from imagesets import make_image_folder, tiny_spec
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

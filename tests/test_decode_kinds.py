@@ -16,15 +16,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import skimage.data
+from imagesets import make_image_folder, tiny_spec
 from PIL import Image
 
-from imagesets import make_image_folder, tiny_spec
-from ray_consensus.config import parse_spec
-from ray_consensus.contract import ImageRef
-from ray_consensus.decode import DecodeError, decode_image, decode_mask, image_size_of, square_crop
-from ray_consensus.pipeline import DecodeShard, ShardTask, StageContext
-from ray_consensus.storage import open_store
-from ray_consensus.units import Unit
+from ray_consensus.attribution.pipeline import DecodeShard, ShardTask, StageContext
+from ray_consensus.dataset.decode import DecodeError, decode_image, decode_mask, image_size_of, square_crop
+from ray_consensus.runroot.contract import ImageRef
+from ray_consensus.runroot.units import Unit
+from ray_consensus.spec.config import parse_spec
+from ray_consensus.storage.store import open_store
 
 
 def encoded(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -176,7 +176,7 @@ def local_ray():
 
 PEAK = textwrap.dedent("""
     import resource, sys
-    from ray_consensus.decode import decode_image, decode_mask, image_size_of
+    from ray_consensus.dataset.decode import decode_image, decode_mask, image_size_of
     data = open(sys.argv[1], "rb").read()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     image = decode_image(data, 224)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ray_consensus.demo import (
+from ray_consensus.demo.build import (
     DatasetSpec,
     MemberRecipe,
     build_dataset,

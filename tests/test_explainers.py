@@ -7,9 +7,9 @@ import timm
 import torch
 from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
-from ray_consensus.committee import DataConfig, Preprocess, member_data_config, resample_maps
 from ray_consensus.errors import SpecError
 from ray_consensus.explainers import EXPLAINERS, ScoreModel
+from ray_consensus.models.committee import DataConfig, Preprocess, member_data_config, resample_maps
 
 
 @pytest.fixture(scope="module")

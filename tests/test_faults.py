@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
-
 from imagesets import make_image_folder, tiny_spec
-from ray_consensus.committee import load_state_dict_bytes
-from ray_consensus.config import parse_spec
+
 from ray_consensus.errors import SpecError
-from ray_consensus.lease import Lease, LeaseHeld
-from ray_consensus.storage import LocalStore
+from ray_consensus.models.committee import load_state_dict_bytes
+from ray_consensus.spec.config import parse_spec
+from ray_consensus.storage.lease import Lease, LeaseHeld
+from ray_consensus.storage.store import LocalStore
 
 ray = pytest.importorskip("ray")
 

@@ -8,10 +8,10 @@ import torch
 from captum.attr import LayerGradCam
 from torch import nn
 
-from ray_consensus.committee import Preprocess, member_data_config
 from ray_consensus.errors import SpecError
 from ray_consensus.explainers import ScoreModel
 from ray_consensus.explainers.gradcam import GradCam, target_layer
+from ray_consensus.models.committee import Preprocess, member_data_config
 
 
 def _member(arch: str, size: int = 96, **kwargs):

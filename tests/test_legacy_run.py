@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ray_consensus.config import parse_spec
-from ray_consensus.data import read_manifest
-from ray_consensus.plan import make_plan
+from ray_consensus.dataset.manifest import read_manifest
+from ray_consensus.planning.plan import make_plan
 from ray_consensus.runner import execute
-from ray_consensus.storage import LocalStore
+from ray_consensus.storage.store import LocalStore
 
 
 def test_a_0_1_0_run_root_needs_no_attribution_or_input_recomputed(legacy_root):

@@ -14,11 +14,18 @@ from captum.attr._core.lime import get_exp_kernel_similarity_function
 from skimage.transform import resize
 from torch import nn
 
-from ray_consensus import superpixels
-from ray_consensus.committee import DataConfig, Preprocess
+from ray_consensus.dataset import superpixels
 from ray_consensus.errors import SpecError
-from ray_consensus.explainers.lime import (Lime, _Perturbations, fill_with_mean_colours, fit_weighted_ridge, kernel_weights,
-                                perturbation_seed, sample_masks)
+from ray_consensus.explainers.lime import (
+    Lime,
+    _Perturbations,
+    fill_with_mean_colours,
+    fit_weighted_ridge,
+    kernel_weights,
+    perturbation_seed,
+    sample_masks,
+)
+from ray_consensus.models.committee import DataConfig, Preprocess
 
 S = 40
 IMAGENET = DataConfig(input_size=(32, 32), interpolation="bilinear", mean=(0.485, 0.456, 0.406),
@@ -282,11 +289,11 @@ def test_decode_stage_computes_the_explainers_superpixels_without_loading_torch_
 
     from imagesets import make_image_folder, tiny_spec
 
-    from ray_consensus.config import parse_spec
-    from ray_consensus.contract import ImageRef
-    from ray_consensus.data import read_manifest
-    from ray_consensus.pipeline import ShardTask, StageContext, segmentation_of
-    from ray_consensus.units import Unit
+    from ray_consensus.attribution.pipeline import ShardTask, StageContext, segmentation_of
+    from ray_consensus.dataset.manifest import read_manifest
+    from ray_consensus.runroot.contract import ImageRef
+    from ray_consensus.runroot.units import Unit
+    from ray_consensus.spec.config import parse_spec
 
     data = make_image_folder(tmp_path / "data", n_classes=1, per_class=2, size=(48, 48), masks=False)
     spec = tiny_spec(data, str(tmp_path / "run"), models=("a=resnet10t@random",), method={"robustness_sizes": []})
@@ -300,7 +307,7 @@ def test_decode_stage_computes_the_explainers_superpixels_without_loading_torch_
     (tmp_path / "stage.pkl").write_bytes(pickle.dumps((ctx, ShardTask(0, images, done, {}))))
     code = """
 import pickle, sys
-from ray_consensus.pipeline import DecodeShard
+from ray_consensus.attribution.pipeline import DecodeShard
 ctx, task = pickle.loads(open(sys.argv[1], "rb").read())  # as a Ray worker receives them
 out = DecodeShard(ctx).decode(task)
 loaded = [m for m in ("torch", "pandas") if m in sys.modules]

@@ -15,19 +15,19 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from imagesets import make_image_folder, tiny_spec
 from PIL import Image
+from test_plan import mark_complete, to_compute
 from typer.testing import CliRunner
 
-from imagesets import make_image_folder, tiny_spec
-from test_plan import mark_complete, to_compute
 from ray_consensus.cli import app
-from ray_consensus.config import DatasetSpec, parse_spec
-from ray_consensus.contract import MANIFEST_ERRORS_FILE, write_manifest
-from ray_consensus.data import read_manifest
+from ray_consensus.dataset.manifest import read_manifest
 from ray_consensus.errors import SpecError
-from ray_consensus.plan import make_plan
-from ray_consensus.preflight import preflight
-from ray_consensus.storage import LocalStore
+from ray_consensus.planning.plan import make_plan
+from ray_consensus.planning.preflight import preflight
+from ray_consensus.runroot.contract import MANIFEST_ERRORS_FILE, write_manifest
+from ray_consensus.spec.config import DatasetSpec, parse_spec
+from ray_consensus.storage.store import LocalStore
 
 ray = pytest.importorskip("ray")
 
@@ -105,7 +105,8 @@ def test_rewritten_images_and_checkpoint_recompute_exactly_their_units_on_s3(tmp
     client.upload_file(str(tmp_path / "a.pt"), bucket, "ckpt/a.pt")
     assert to_compute(store, spec) == MEMBER_A
     # a table manifest on S3: each folder its URIs name is listed for the ETags
-    client.put_object(Bucket=bucket, Key="ds/m.csv", Body=b"uri,label\nimages/c0/img000.png,0\nimages/c1/img000.png,1\n")
+    client.put_object(Bucket=bucket, Key="ds/m.csv",
+                      Body=b"uri,label\nimages/c0/img000.png,0\nimages/c1/img000.png,1\n")
     table = read_manifest(DatasetSpec(path=f"{s3_bucket}/ds/m.csv")).table
     etag = client.head_object(Bucket=bucket, Key="ds/images/c0/img000.png")["ETag"].strip('"')
     assert table["version"].tolist()[0] == etag and table["version"].str.len().min() == 32

@@ -9,10 +9,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from imagesets import make_image_folder, tiny_spec
-from ray_consensus.config import parse_spec
+
 from ray_consensus.runner import execute
+from ray_consensus.spec.config import parse_spec
 
 pytest.importorskip("ray")
 
@@ -130,8 +130,8 @@ def test_a_run_whose_every_manifest_row_is_rejected_completes_empty(tmp_path):
 def test_each_image_is_voted_on_by_its_members_with_a_finite_map():
     """A member whose map of one image is not finite: that image is the vote of the others (as if the member
     were not in the committee), its other images keep the whole committee."""
-    from ray_consensus.config import MethodSpec
-    from ray_consensus.reduce import ShardMaps, image_rows, vote_shard
+    from ray_consensus.results.reduce import ShardMaps, image_rows, vote_shard
+    from ray_consensus.spec.config import MethodSpec
 
     rng = np.random.default_rng(0)
     k, n, p = 3, 4, 16

@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
-from ray_consensus.config import parse_spec
-from ray_consensus.runner import execute
-from ray_consensus.status import run_status
 from imagesets import make_image_folder, tiny_spec
+
+from ray_consensus.runner import execute
+from ray_consensus.runroot.status import run_status
+from ray_consensus.spec.config import parse_spec
 
 ray = pytest.importorskip("ray")
 
@@ -119,7 +119,7 @@ def test_end_to_end_resume_and_growth(tmp_path, local_ray):
 def test_float16_maps_are_stored_scaled_and_read_back():
     import pyarrow as pa
 
-    from ray_consensus.contract import decode_maps, list_column
+    from ray_consensus.runroot.contract import decode_maps, list_column
 
     maps = np.array([[1e-7, -3e-7, 0.0, 2e-7], [0.0, 0.0, 0.0, 0.0]])
     scale = np.array([3e-7, 1.0])  # max |m| per map; an all-zero map keeps scale 1
@@ -136,10 +136,10 @@ def test_lime_run_votes_on_the_superpixels_every_member_shares(tmp_path, local_r
     of the members' L2-normalised |weights| painted back onto them."""
     from pathlib import Path
 
-    from ray_consensus.decode import decode_image
-    from ray_consensus.explainer_params import LimeParams
-    from ray_consensus.pipeline import on_grid
-    from ray_consensus.superpixels import segment
+    from ray_consensus.attribution.pipeline import on_grid
+    from ray_consensus.dataset.decode import decode_image
+    from ray_consensus.dataset.superpixels import segment
+    from ray_consensus.spec.explainer_params import LimeParams
 
     data = make_image_folder(tmp_path / "ds", n_classes=2, per_class=4, size=(48, 48))
     spec = parse_spec(tiny_spec(data, str(tmp_path / "run"), run={"shard_size": 4},
@@ -168,9 +168,9 @@ def test_lime_run_votes_on_the_superpixels_every_member_shares(tmp_path, local_r
 def test_subcommittee_sums_equal_each_subcommittee_voted_alone(method):
     from dataclasses import replace
 
-    from ray_consensus.config import MethodSpec
-    from ray_consensus.plan import subcommittees
-    from ray_consensus.reduce import ShardMaps, subcommittee_sums, vote_shard
+    from ray_consensus.planning.plan import subcommittees
+    from ray_consensus.results.reduce import ShardMaps, subcommittee_sums, vote_shard
+    from ray_consensus.spec.config import MethodSpec
 
     rng = np.random.default_rng(0)
     k, n, p = 6, 10, 64

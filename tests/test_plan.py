@@ -10,14 +10,14 @@ from __future__ import annotations
 import copy
 
 import pytest
-
 from imagesets import make_image_folder, tiny_spec
-from ray_consensus.config import parse_spec
-from ray_consensus.contract import write_manifest
-from ray_consensus.data import read_manifest
-from ray_consensus.plan import attribution_recipe, inputs_recipe, make_plan
-from ray_consensus.storage import LocalStore
-from ray_consensus.units import MARKER, fingerprint
+
+from ray_consensus.dataset.manifest import read_manifest
+from ray_consensus.planning.plan import attribution_recipe, inputs_recipe, make_plan
+from ray_consensus.runroot.contract import write_manifest
+from ray_consensus.runroot.units import MARKER, fingerprint
+from ray_consensus.spec.config import parse_spec
+from ray_consensus.storage.store import LocalStore
 
 MODELS = ("a=resnet10t@random", "b=mobilenetv3_small_050@random")
 
@@ -169,16 +169,18 @@ def test_shard_text_is_json_dumps_of_the_rows_whatever_the_values_hold():
     import numpy as np
     import pandas as pd
 
-    from ray_consensus.plan import CONTENT_COLUMNS, _ShardText
+    from ray_consensus.planning.plan import CONTENT_COLUMNS, _ShardText
 
     frame = pd.DataFrame({"image_id": pd.Series(["a", 'q"uo\\te', "ünï", 'x", "y', "e\\", "t\tab\x01", "🙂"],
                                                 dtype="str"),
                           "uri": ["/u/a", "/u/b", None, "/u/é", '", "', "/u/\x7f", "/u/🙂"],
-                          "label": [0, 1, 2, 3, 4, -5, 123456789], "mask_uri": [None, None, "", np.nan, "/m/x", 7, None],
+                          "label": [0, 1, 2, 3, 4, -5, 123456789],
+                          "mask_uri": [None, None, "", np.nan, "/m/x", 7, None],
                           "version": ["1-2", "", "3-4|mask:5-6", '"e"', "é", "\n", "x"]})
 
     def dumps(f: pd.DataFrame, start: int, stop: int) -> str:
-        return ", ".join(json.dumps(row) for row in f[list(CONTENT_COLUMNS)].astype(str).to_numpy().tolist()[start:stop])
+        rows = f[list(CONTENT_COLUMNS)].astype(str).to_numpy().tolist()
+        return ", ".join(json.dumps(row) for row in rows[start:stop])
 
     for f in (frame, frame.fillna("x"), frame.fillna("x").astype({"mask_uri": str})):
         text = _ShardText(f)
@@ -190,8 +192,8 @@ def test_big_run_roots_are_listed_in_a_child_process_with_the_same_result(tmp_pa
     """From LocalStore.BACKGROUND_PREFIXES folders on, `completed_later` (the plan's listing) lists in a
     child process (`listing.py`); the units it finds are those the in-process walk (`completed`) finds:
     markers only, files being written (.tmp-) never, nested folders included."""
-    from ray_consensus import listing
-    from ray_consensus.units import completed, completed_later
+    from ray_consensus.runroot.units import completed, completed_later
+    from ray_consensus.storage import listing
 
     store = LocalStore(str(tmp_path / "run"))
     expected = {}
@@ -207,7 +209,7 @@ def test_big_run_roots_are_listed_in_a_child_process_with_the_same_result(tmp_pa
 
     started = []
     real = listing.walk_later
-    monkeypatch.setattr("ray_consensus.storage.walk_later",
+    monkeypatch.setattr("ray_consensus.storage.store.walk_later",
                         lambda *a, **k: started.append(a) or real(*a, **k))
     assert completed_later(store)() == expected
     assert len(started) == 1  # the child process did the listing

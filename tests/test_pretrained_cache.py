@@ -8,7 +8,6 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-
 from hubcache import put_in_hub_cache
 from imagesets import make_image_folder, tiny_spec
 from test_spec_checks import assert_one_line, cli_each
@@ -57,8 +56,8 @@ def ray_offline(offline):
 
 
 def test_a_pretrained_tag_runs_from_the_local_hub_cache_with_the_weights_written(ray_offline, hub_cache, tmp_path):
-    from ray_consensus.config import parse_spec
     from ray_consensus.runner import execute
+    from ray_consensus.spec.config import parse_spec
 
     checkpoint = hub_cache[1]
     dataset = make_image_folder(tmp_path / "ds", n_classes=2, per_class=3, masks=False)
@@ -103,9 +102,9 @@ def test_validate_and_run_name_the_member_whose_weights_are_not_in_the_offline_c
 
 def test_a_hub_that_does_not_answer_is_one_line_naming_the_member(tmp_path, monkeypatch):
     """What `validate` and `run` check first (preflight), with the hub's address on a port nobody serves."""
-    from ray_consensus.config import parse_member, parse_spec
     from ray_consensus.errors import SpecError
-    from ray_consensus.preflight import preflight
+    from ray_consensus.planning.preflight import preflight
+    from ray_consensus.spec.config import parse_member, parse_spec
 
     for name in HUB_ENV:
         monkeypatch.delenv(name, raising=False)
@@ -132,8 +131,8 @@ def test_weight_sources_are_cached_per_timm_version_and_read_back_without_timm(t
 
     code = """
 import json, sys
-from ray_consensus.config import MemberSpec
-from ray_consensus.pretrained import pretrained_source, save_known_sources
+from ray_consensus.spec.config import MemberSpec
+from ray_consensus.models.pretrained import pretrained_source, save_known_sources
 members = [MemberSpec(id="a", arch=sys.argv[1], weights="pretrained"),
            MemberSpec(id="b", arch="vit_tiny_patch16_224", weights="pretrained", kwargs={"num_classes": 7})]
 sources = [list(pretrained_source(m)) for m in members]

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from ray_consensus.errors import SpecError
-from ray_consensus.pseudo_masks import IGNORE, MaskRule, binary_mask, crop_cells, iou, to_original
+from ray_consensus.report.pseudo_masks import IGNORE, MaskRule, binary_mask, crop_cells, iou, to_original
 
 MAP = np.array([[0.0, 0.2, 0.9],
                 [0.1, 0.8, 0.3],
@@ -68,7 +68,7 @@ def test_iou_counts_only_pixels_not_ignored():
 
 def test_export_masks_writes_one_mask_per_voted_image_at_its_size_and_a_reproducible_mean_iou(legacy_root,
                                                                                             tmp_path):
-    from ray_consensus.storage import read_uri_bytes
+    from ray_consensus.storage.store import read_uri_bytes
 
     root, spec = legacy_root
     out = tmp_path / "masks"
@@ -93,7 +93,7 @@ def test_export_masks_writes_one_mask_per_voted_image_at_its_size_and_a_reproduc
 
 
 def test_export_masks_writes_to_s3(legacy_root, s3_server, s3_bucket):
-    from ray_consensus.pseudo_masks import export_masks
+    from ray_consensus.report.pseudo_masks import export_masks
 
     root, _ = legacy_root
     summary = export_masks(str(root), f"{s3_bucket}/pseudo", MaskRule("otsu"))

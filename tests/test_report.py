@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from ray_consensus.report import GalleryItem, render_report
+from ray_consensus.report.render import GalleryItem, render_report
 
 HOSTILE_ID = "<script>alert(1)</script>"
 MATHTEXT_ID = r"vit$\x$tiny"  # invalid mathtext: drawing it as math would raise

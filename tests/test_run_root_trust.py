@@ -19,15 +19,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from imagesets import make_image_folder, tiny_spec
 from typer.testing import CliRunner
 
-from imagesets import make_image_folder, tiny_spec
 from ray_consensus.cli import app
-from ray_consensus.config import parse_spec
 from ray_consensus.runner import execute
-from ray_consensus.status import run_status
-from ray_consensus.storage import LocalStore, S3Store
-from ray_consensus.units import MARKER, Unit, completed, completed_later, write_unit
+from ray_consensus.runroot.status import run_status
+from ray_consensus.runroot.units import MARKER, Unit, completed, completed_later, write_unit
+from ray_consensus.spec.config import parse_spec
+from ray_consensus.storage.store import LocalStore, S3Store
 
 ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[1]
@@ -146,7 +146,7 @@ STALLED_DRIVER = """
 import sys, time
 import yaml
 from ray_consensus import runner
-from ray_consensus.config import parse_spec
+from ray_consensus.spec.config import parse_spec
 
 def stalled(*args, **kwargs):  # hold the driver mid-run, lease taken and run.json written
     print("stalled", flush=True)

@@ -14,7 +14,6 @@ import boto3
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from imagesets import make_image_folder, tiny_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +135,6 @@ def checking_s3(monkeypatch_module):
     refused.
     """
     from botocore.exceptions import ClientError
-
     from s3server import S3Server
 
     monkeypatch_module.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "40")

@@ -9,9 +9,9 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-
 from imagesets import make_image_folder, tiny_spec
-from ray_consensus.config import parse_spec
+
+from ray_consensus.spec.config import parse_spec
 
 ray = pytest.importorskip("ray")
 

@@ -5,7 +5,6 @@ import botocore.exceptions
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from s3server import S3Server
 
 

@@ -11,11 +11,11 @@ import time
 
 import pandas as pd
 import pytest
-
 from imagesets import make_image_folder, tiny_spec
-from ray_consensus.config import parse_spec
+
 from ray_consensus.errors import SpecError
-from ray_consensus.schedule import Capacity, make_schedule
+from ray_consensus.planning.schedule import Capacity, make_schedule
+from ray_consensus.spec.config import parse_spec
 
 ray = pytest.importorskip("ray")
 
@@ -68,7 +68,7 @@ def test_window_holds_what_fits_a_fifth_of_the_object_store():
 
 
 def test_windows_keep_every_shard_once_in_order_and_a_first_window_may_be_small():
-    from ray_consensus.pipeline import split_windows
+    from ray_consensus.attribution.pipeline import split_windows
 
     tasks = list(range(10))
     assert split_windows(tasks, 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]

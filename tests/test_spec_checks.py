@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from imagesets import make_image_folder
 
 # Runs each argument list through the CLI in one process (one interpreter start for them all) and
@@ -92,7 +91,7 @@ def test_bad_values_are_one_line_from_validate_and_run_before_any_work(dataset, 
 
 
 def test_report_on_a_root_without_a_run_or_without_tables_is_one_line_as_status_is(dataset, tmp_path):
-    from ray_consensus.config import parse_member, parse_spec
+    from ray_consensus.spec.config import parse_member, parse_spec
 
     missing, empty, unfinished, garbled = (tmp_path / n for n in ("missing", "empty", "unfinished", "garbled"))
     empty.mkdir()

@@ -7,10 +7,9 @@ import time
 
 import pyarrow as pa
 import pytest
-
 from s3server import Proxy
 
-from ray_consensus.storage import LocalStore, S3Store, read_ahead
+from ray_consensus.storage.store import LocalStore, S3Store, read_ahead
 
 
 def test_read_ahead_keeps_order_and_at_most_threads_calls_ahead_of_the_consumer():

@@ -15,13 +15,21 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from ray_consensus import consensus as cm
-from ray_consensus.config import MethodSpec
-from ray_consensus.contract import (ImageRef, attributions_file, encode_attributions, encode_inputs, file_of,
-                                    read_consensus, read_scores, write_manifest)
-from ray_consensus.reduce import reduce_shard
-from ray_consensus.storage import LocalStore
-from ray_consensus.units import Unit
+from ray_consensus.results import consensus as cm
+from ray_consensus.results.reduce import reduce_shard
+from ray_consensus.runroot.contract import (
+    ImageRef,
+    attributions_file,
+    encode_attributions,
+    encode_inputs,
+    file_of,
+    read_consensus,
+    read_scores,
+    write_manifest,
+)
+from ray_consensus.runroot.units import Unit
+from ray_consensus.spec.config import MethodSpec
+from ray_consensus.storage.store import LocalStore
 
 pytest.importorskip("ray")
 

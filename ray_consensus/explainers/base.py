@@ -30,7 +30,7 @@ from typing import Callable, ClassVar
 
 from torch import Tensor, nn
 
-from ray_consensus.explainer_params import ExplainerParams, parse_params
+from ray_consensus.spec.explainer_params import ExplainerParams, parse_params
 
 EXPLAINERS: dict[str, type["Explainer"]] = {}
 

@@ -18,10 +18,10 @@ import difflib
 import torch
 from torch import nn
 
-from ray_consensus.committee import member_data_config
-from ray_consensus.errors import SpecError
-from ray_consensus.explainer_params import GradCamParams
+from ray_consensus.errors import SpecError, first_line
 from ray_consensus.explainers.base import Explainer, ScoreModel, register
+from ray_consensus.models.committee import member_data_config
+from ray_consensus.spec.explainer_params import GradCamParams
 
 
 def _arch(model: nn.Module) -> str:
@@ -46,7 +46,7 @@ def _finished_outputs(model: nn.Module, modules: list[nn.Module]) -> list[tuple[
             model(torch.zeros(1, 3, *size, device=ref.device, dtype=ref.dtype))
     except Exception as e:
         raise SpecError(f"gradcam: cannot run model {_arch(model)} on a {size[0]}x{size[1]} image to find its "
-                        f"feature layer: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                        f"feature layer: {first_line(e)}") from None
     finally:
         for h in hooks:
             h.remove()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ray_consensus.explainer_params import IntegratedGradientsParams, SaliencyParams, SmoothGradParams
 from ray_consensus.explainers.base import Explainer, ScoreModel, class_score, reduce_channels, register
+from ray_consensus.spec.explainer_params import IntegratedGradientsParams, SaliencyParams, SmoothGradParams
 
 
 @register

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ray_consensus.explainer_params import LimeParams
 from ray_consensus.explainers.base import Explainer, class_score, register
+from ray_consensus.spec.explainer_params import LimeParams
 
 
 def sample_masks(n_samples: int, n_segments: int, p_keep: float, generator: torch.Generator) -> Tensor:

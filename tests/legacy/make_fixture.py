@@ -41,7 +41,7 @@ def main() -> None:
 
     import ray
 
-    from ray_consensus.config import parse_spec
+    from ray_consensus.spec.config import parse_spec
     from ray_consensus.runner import execute
 
     for folder in ("data", "run"):

@@ -1,7 +1,8 @@
 """Run-level tables from the per-shard aggregates: models, correlations, robustness.
 
     write_tables: aggregates/ and subcommittees/ of every shard, read in order, a few shards ahead
-                  (`read_run_aggregates`, `subcommittee_totals`; `Store.read_parquets`) ─► the tables below ─► tables/*.parquet, .csv
+                  (`read_run_aggregates`, `subcommittee_totals`; `Store.read_parquets`)
+                  ─► the tables below ─► tables/*.parquet, .csv
 
 Every input is a per-shard aggregate (sums and counts per member and block of images), summed as
 it is read, so the work and memory here grow with shards and members, never with images, and a
@@ -16,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ray_consensus import consensus as cm
-from ray_consensus.config import RunSpec
-from ray_consensus.contract import CONSENSUS_ID, file_of
-from ray_consensus.storage import Store
+from ray_consensus.results import consensus as cm
+from ray_consensus.runroot.contract import CONSENSUS_ID, file_of
+from ray_consensus.spec.config import RunSpec
+from ray_consensus.storage.store import Store
 
 CORRELATION_COLUMNS = ["x", "y", "method", "coefficient", "p_value", "p_permutation", "ci_over", "ci_low", "ci_high",
                        "n"]

@@ -28,7 +28,7 @@ from typing import Any, Callable, NamedTuple
 
 import pyarrow as pa
 
-from ray_consensus.storage import Store
+from ray_consensus.storage.store import Store
 
 DATA_FILE = "part-0.parquet"
 MEMBER_ERRORS_FILE = "attribution.parquet"  # a reduced shard's errors/: its members' non-finite maps

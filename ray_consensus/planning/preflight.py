@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional
 
-from ray_consensus.config import RunSpec
-from ray_consensus.data import Manifest, read_manifest
+from ray_consensus.dataset.manifest import Manifest, read_manifest
 from ray_consensus.errors import SpecError
-from ray_consensus.model_names import check_arch
-from ray_consensus.pretrained import check_pretrained
-from ray_consensus.storage import Store, open_store
-from ray_consensus.units import completed_later
+from ray_consensus.models.names import check_arch
+from ray_consensus.models.pretrained import check_pretrained
+from ray_consensus.runroot.units import completed_later
+from ray_consensus.spec.config import RunSpec
+from ray_consensus.storage.store import Store, open_store
 
 
 class Checked(NamedTuple):
@@ -44,8 +44,8 @@ def preflight(spec: RunSpec, check_weights: bool = True, list_units: bool = True
     if check_weights:
         check_pretrained(spec.committee, manifest.num_classes)
     if check_weights and checked:
-        from ray_consensus.committee import create_member_model
         from ray_consensus.explainers import create_explainer
+        from ray_consensus.models.committee import create_member_model
 
         explainer = create_explainer(spec.explainer.params)
         for member in checked:
@@ -60,7 +60,7 @@ def preflight(spec: RunSpec, check_weights: bool = True, list_units: bool = True
 def check_classes(store: Store, manifest: Manifest) -> None:
     """Refuse a data set whose classes differ from those the run root's results were computed with (its
     run.json): a class folder added, removed or emptied elsewhere would shift every later label."""
-    from ray_consensus.contract import RUN_FILE
+    from ray_consensus.runroot.contract import RUN_FILE
 
     if not store.exists(RUN_FILE):
         return

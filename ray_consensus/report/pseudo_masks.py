@@ -29,10 +29,10 @@ import pandas as pd
 import pyarrow as pa
 from PIL import Image
 
-from ray_consensus.contract import read_consensus, read_run, read_stored_manifest
-from ray_consensus.decode import crop_geometry, image_size_of, mask_foreground
+from ray_consensus.dataset.decode import crop_geometry, image_size_of, mask_foreground
 from ray_consensus.errors import SpecError
-from ray_consensus.storage import Store, open_store, read_uri_bytes
+from ray_consensus.runroot.contract import read_consensus, read_run, read_stored_manifest
+from ray_consensus.storage.store import Store, open_store, read_uri_bytes
 
 IGNORE = 255
 RULES = ("top", "threshold", "otsu")

@@ -29,7 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import skimage.data
@@ -41,7 +41,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from scipy.ndimage import gaussian_filter
 
-from ray_consensus.model_names import default_cache_dir
+from ray_consensus.models.names import default_cache_dir
+from ray_consensus.storage.atomic import atomic_write
 
 # Bump when anything that changes the bytes of the data set or the trained weights changes
 # without showing up in the parameters below (cut-out boxes, jitter ranges, optimiser, ...).
@@ -552,7 +553,7 @@ def _save_member(
     """Write the safetensors file, then the sidecar (its presence marks the member complete)."""
     weights.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    _write_atomic(weights, lambda path: save_file(tensors, str(path)))
+    atomic_write(weights, lambda path: save_file(tensors, str(path)))
     sidecar = {
         "id": recipe.id,
         "arch": recipe.arch,
@@ -568,14 +569,7 @@ def _save_member(
         "recipe_version": RECIPE_VERSION,
     }
     text = json.dumps(sidecar, indent=2) + "\n"
-    _write_atomic(weights.with_suffix(".json"), lambda path: path.write_text(text))
-
-
-def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
-    """``write`` a sibling temporary file, then rename it onto ``path`` (never half-written)."""
-    partial = path.with_name(path.name + f".partial-{os.getpid()}")
-    write(partial)
-    os.replace(partial, path)
+    atomic_write(weights.with_suffix(".json"), lambda path: Path(path).write_text(text))
 
 
 # --------------------------------------------------------------------------- entry point

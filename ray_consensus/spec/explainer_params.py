@@ -16,9 +16,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+from ray_consensus.dataset.superpixels import METHODS as SEGMENTATIONS
 from ray_consensus.errors import SpecError, suggest
-from ray_consensus.fields import build, describe, spec_field
-from ray_consensus.superpixels import METHODS as SEGMENTATIONS
+from ray_consensus.spec.fields import build, describe, spec_field
 
 OUTPUTS = ("probability", "logit")
 

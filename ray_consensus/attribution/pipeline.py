@@ -39,13 +39,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ray_consensus.config import RunSpec
-from ray_consensus.contract import ImageRef, attributions_file, encode_attributions, encode_inputs, errors_table, \
-    file_of
 from ray_consensus.errors import ClusterError
-from ray_consensus.schedule import Schedule
-from ray_consensus.storage import Store
-from ray_consensus.units import Unit, fingerprint
+from ray_consensus.planning.schedule import Schedule
+from ray_consensus.runroot.contract import (
+    ImageRef,
+    attributions_file,
+    encode_attributions,
+    encode_inputs,
+    errors_table,
+    file_of,
+)
+from ray_consensus.runroot.units import Unit, fingerprint
+from ray_consensus.spec.config import RunSpec
+from ray_consensus.storage.store import Store
 
 
 @dataclass
@@ -111,8 +117,8 @@ class DecodeShard:
         self.ctx = ctx
 
     def decode(self, task: ShardTask) -> DecodedShard:
-        from ray_consensus.decode import DecodeError, decode_image, decode_mask, image_size_of, read_input
-        from ray_consensus.superpixels import segment
+        from ray_consensus.dataset.decode import DecodeError, decode_image, decode_mask, image_size_of, read_input
+        from ray_consensus.dataset.superpixels import segment
 
         spec, seg_params = self.ctx.spec, self.ctx.segmentation
         size, map_size = spec.run.image_size, spec.run.map_size
@@ -181,8 +187,8 @@ class LoadedMember:
     def __init__(self, ctx: StageContext, model_id: str, device):
         import torch
 
-        from ray_consensus.committee import Preprocess, create_member_model, member_data_config
         from ray_consensus.explainers import create_explainer
+        from ray_consensus.models.committee import Preprocess, create_member_model, member_data_config
 
         spec = ctx.spec
         member = spec.member(model_id)
@@ -269,7 +275,8 @@ class Slot:
         for start in range(0, len(shard.images), member.batch_size):
             stop = start + member.batch_size
             x = torch.from_numpy(shard.pixels[start:stop]).to(self.device).permute(0, 3, 1, 2).float().div_(255)
-            seg = None if shard.segments is None else torch.from_numpy(shard.segments[start:stop]).to(self.device).long()
+            seg = None if shard.segments is None else \
+                torch.from_numpy(shard.segments[start:stop]).to(self.device).long()
             out, pred = self.explain_batch(member, x, torch.from_numpy(labels[start:stop]).to(self.device), seg,
                                            torch.from_numpy(seeds[start:stop]))
             maps.append(out.pop("map"))
@@ -288,7 +295,7 @@ class Slot:
 
         import torch
 
-        from ray_consensus.committee import resample_maps
+        from ray_consensus.models.committee import resample_maps
 
         precision = torch.autocast("cuda", dtype=self.autocast) if self.autocast is not None and \
             self.device.type == "cuda" else contextlib.nullcontext()

@@ -3,10 +3,10 @@ ended, from the run root alone."""
 
 from __future__ import annotations
 
-from ray_consensus.contract import read_run, read_stored_manifest
-from ray_consensus.lease import holds
-from ray_consensus.storage import Store, open_store
-from ray_consensus.units import completed, shard_dir, units_by_model
+from ray_consensus.runroot.contract import read_run, read_stored_manifest
+from ray_consensus.runroot.units import completed, shard_dir, units_by_model
+from ray_consensus.storage.lease import holds
+from ray_consensus.storage.store import Store, open_store
 
 
 def run_status(run_root: str | Store, storage=None) -> dict:

@@ -39,11 +39,19 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from ray_consensus.config import RunSpec
-from ray_consensus.contract import ImageRef, read_stored_manifest
-from ray_consensus.data import Manifest, assign_shards
-from ray_consensus.storage import Store, content_version
-from ray_consensus.units import MARKER, Listing, Unit, attributions_dir, completed_later, listed_models, shard_dir
+from ray_consensus.dataset.manifest import Manifest, assign_shards
+from ray_consensus.runroot.contract import ImageRef, read_stored_manifest
+from ray_consensus.runroot.units import (
+    MARKER,
+    Listing,
+    Unit,
+    attributions_dir,
+    completed_later,
+    listed_models,
+    shard_dir,
+)
+from ray_consensus.spec.config import RunSpec
+from ray_consensus.storage.store import Store, content_version
 
 # The manifest columns each image contributes to its shard's inputs fingerprint; run roots written
 # before versions were kept fingerprinted the first four.

@@ -2,7 +2,8 @@
 
 Importing timm takes seconds (it imports torch, torchvision and every model module); a misspelled
 name among 80 members is refused before it (timm is imported later only for what needs it: the
-checkpoints, a pretrained tag's source the first time: `pretrained.known_sources`). timm's registry of names is listed once per
+checkpoints, a pretrained tag's source the first time: `pretrained.known_sources`). timm's registry of
+names is listed once per
 installed timm version into the cache (`$RAY_CONSENSUS_CACHE`, default ~/.cache/ray-consensus)
 and read from there afterwards; a name not in the list is looked up in timm itself before it
 is refused, so a stale or hand-edited list can only cost time, never refuse a real name.
@@ -12,12 +13,12 @@ from __future__ import annotations
 
 import difflib
 import os
-import tempfile
 from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ray_consensus.errors import SpecError
+from ray_consensus.storage.atomic import atomic_write
 
 
 def default_cache_dir() -> Path:
@@ -38,11 +39,7 @@ def write_cache_file(path: Path | None, text: str) -> None:
     if path is None:
         return
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     except OSError:
         pass
 

@@ -37,10 +37,10 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from ray_consensus.config import RunSpec, parse_spec
 from ray_consensus.errors import SpecError
-from ray_consensus.storage import Store
-from ray_consensus.units import DATA_FILE, MEMBER_ERRORS_FILE, attributions_dir, shard_dir
+from ray_consensus.runroot.units import DATA_FILE, MEMBER_ERRORS_FILE, attributions_dir, shard_dir
+from ray_consensus.spec.config import RunSpec, parse_spec
+from ray_consensus.storage.store import Store
 
 if TYPE_CHECKING:  # the frames come from pyarrow's to_pandas: the slots and decode workers never load pandas
     import pandas as pd

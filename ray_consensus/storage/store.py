@@ -16,7 +16,6 @@ import json
 import os
 import posixpath
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +25,10 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_consensus.config import StorageSpec
 from ray_consensus.errors import SpecError
-from ray_consensus.listing import TEMP_PREFIX, walk, walk_later
-
+from ray_consensus.spec.config import StorageSpec
+from ray_consensus.storage.atomic import atomic_write
+from ray_consensus.storage.listing import walk, walk_later
 
 # Dictionary encoding bloats float maps (~19 KB vs 12.5 KB raw for 56x56 float32); zstd shrinks them.
 PARQUET_OPTIONS = {"use_dictionary": False, "compression": "zstd"}
@@ -120,7 +119,8 @@ def describe_s3_error(e: Exception, bucket: str, endpoint: str | None) -> str:
 
     where = endpoint or "AWS S3"
     if isinstance(e, NoCredentialsError):
-        return "no S3 credentials: set storage.access_key_id/secret_access_key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+        return ("no S3 credentials: set storage.access_key_id/secret_access_key or "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
     if isinstance(e, EndpointConnectionError) or "Connect" in type(e).__name__ or "Timeout" in type(e).__name__:
         return f"cannot reach the S3 endpoint {where} ({type(e).__name__})"
     if isinstance(e, ClientError):
@@ -274,17 +274,7 @@ class LocalStore(Store):
         return Path(self.root) / safe_rel(rel)
 
     def _atomic(self, rel: str, write) -> None:
-        # Write beside the target, then rename: a reader never sees half a file.
-        path = self._path(rel)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TEMP_PREFIX)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self._path(rel), write)  # a reader never sees half a file
 
     def write_parquet(self, rel, table):
         size = []

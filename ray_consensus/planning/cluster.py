@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import logging
 
-from ray_consensus.config import RunSpec
-from ray_consensus.schedule import Capacity
+from ray_consensus.planning.schedule import Capacity
+from ray_consensus.spec.config import RunSpec
 
 
 def init_ray() -> None:

@@ -11,12 +11,19 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ray_consensus import consensus as cm
-from ray_consensus.contract import (IMAGES_TABLE, StoredRun, read_consensus, read_maps, read_run, read_scores,
-                                    read_stored_manifest)
 from ray_consensus.errors import SpecError
-from ray_consensus.report import GalleryItem, render_report
-from ray_consensus.storage import Store, read_uri_bytes
+from ray_consensus.report.render import GalleryItem, render_report
+from ray_consensus.results import consensus as cm
+from ray_consensus.runroot.contract import (
+    IMAGES_TABLE,
+    StoredRun,
+    read_consensus,
+    read_maps,
+    read_run,
+    read_scores,
+    read_stored_manifest,
+)
+from ray_consensus.storage.store import Store, read_uri_bytes
 
 
 def write_report(store: Store) -> str:
@@ -74,7 +81,7 @@ def disputed_items(store: Store, run: StoredRun) -> list[GalleryItem] | None:
 def _items(store: Store, run: StoredRun, chosen: pd.DataFrame) -> list[GalleryItem]:
     """Gallery items of the chosen images (columns image_id, shard, note), in the order given; each
     shard's consensus, scores and member maps read once."""
-    from ray_consensus.decode import decode_image
+    from ray_consensus.dataset.decode import decode_image
 
     spec = run.spec
     models, side = [m.id for m in spec.committee], spec.run.map_size

@@ -24,8 +24,8 @@ import math
 import os
 from dataclasses import dataclass
 
-from ray_consensus.config import RunSpec
 from ray_consensus.errors import SpecError
+from ray_consensus.spec.config import RunSpec
 
 # The object store share one window of decoded shards may take (two windows are alive at most:
 # the one being explained and the next, decoded ahead).

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ray_consensus.config import MemberSpec, StorageSpec
-from ray_consensus.errors import SpecError
-from ray_consensus.model_names import check_arch
-from ray_consensus.pretrained import check_head, timm_kwargs
-from ray_consensus.storage import read_uri_bytes
-from ray_consensus.units import fingerprint
+from ray_consensus.errors import SpecError, first_line
+from ray_consensus.models.names import check_arch
+from ray_consensus.models.pretrained import check_head, timm_kwargs
+from ray_consensus.runroot.units import fingerprint
+from ray_consensus.spec.config import MemberSpec, StorageSpec
+from ray_consensus.storage.store import read_uri_bytes
 
 
 def load_state_dict_bytes(data: bytes, source: str) -> dict[str, Tensor]:
@@ -39,9 +39,8 @@ def load_state_dict_bytes(data: bytes, source: str) -> dict[str, Tensor]:
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SpecError(f"checkpoint {source}: refused to load (only plain tensor state dicts are accepted; "
-                        f"pickled code is never executed): {first}") from None
+                        f"pickled code is never executed): {first_line(e)}") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -65,7 +64,7 @@ def create_member_model(member: MemberSpec, num_classes: int, storage: StorageSp
             model = timm.create_model(member.arch, pretrained=True, **kwargs)
         except Exception as e:
             raise SpecError(f"model {member.id}: cannot load pretrained weights for '{member.arch}': "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                            f"{first_line(e)}") from None
         check_head(member, model.num_classes, num_classes)
     else:
         # Seeded from the member, so `random` weights are the same in every actor and every run.

@@ -23,9 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import NamedTuple
 
-from ray_consensus.config import MemberSpec
-from ray_consensus.errors import SpecError
-from ray_consensus.model_names import timm_cache_file, write_cache_file
+from ray_consensus.errors import SpecError, first_line
+from ray_consensus.models.names import timm_cache_file, write_cache_file
+from ray_consensus.spec.config import MemberSpec
 
 HUB_TIMEOUT_S = 10.0
 SOURCES_FILE = "pretrained-sources.json"
@@ -97,7 +97,7 @@ def _timm_source(member: MemberSpec) -> Source:
         cfg = resolve_pretrained_cfg(name, kwargs.get("pretrained_cfg") or tag or None,
                                      kwargs.get("pretrained_cfg_overlay"))
     except Exception as e:  # an unknown tag, a malformed pretrained_cfg
-        raise SpecError(f"model {member.id}: no pretrained weights for '{member.arch}': {_first_line(e)}") from None
+        raise SpecError(f"model {member.id}: no pretrained weights for '{member.arch}': {first_line(e)}") from None
     kind, location = _resolve_pretrained_source(cfg.to_dict())
     if not kind:
         raise SpecError(f"model {member.id}: timm has no pretrained weights for '{member.arch}' "
@@ -194,7 +194,7 @@ def _hub_problem(source: Source, offline: bool) -> str | None:
             continue  # timm tries the next file
         except Exception as e:
             return (f"{repo} is not in the local Hugging Face cache {cache} and the hub did not give it: "
-                    f"{_first_line(e)}")
+                    f"{first_line(e)}")
     return f"the hub's {repo} has no {files}"
 
 
@@ -218,13 +218,8 @@ def _url_problem(url: str) -> str | None:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_TIMEOUT_S):
             return None
     except Exception as e:
-        return f"{url} is not in torch hub's cache {torch_hub_dir()} and did not answer: {_first_line(e)}"
+        return f"{url} is not in torch hub's cache {torch_hub_dir()} and did not answer: {first_line(e)}"
 
 
 def _expand(path: str) -> str:
     return os.path.expandvars(os.path.expanduser(path))
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__

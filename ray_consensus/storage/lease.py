@@ -17,7 +17,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from ray_consensus.storage import Store
+from ray_consensus.storage.store import Store
 
 LEASE_FILE = "_lease.json"
 TTL_S = float(os.environ.get("RAY_CONSENSUS_LEASE_TTL", "300"))

@@ -21,13 +21,27 @@ from functools import cached_property
 
 import numpy as np
 
-from ray_consensus import consensus as cm
-from ray_consensus.config import MethodSpec
-from ray_consensus.contract import (CONSENSUS_ID, ImageRef, as_stored, encode_aggregates, encode_consensus,
-                                    encode_images, encode_scores, encode_subcommittees, errors_table, file_of,
-                                    images_file, member_errors_file, read_attributions, read_inputs)
-from ray_consensus.units import Unit
-from ray_consensus.storage import Store
+from ray_consensus.results import consensus as cm
+from ray_consensus.runroot.contract import (
+    CONSENSUS_ID,
+    ImageRef,
+    as_stored,
+    encode_aggregates,
+    encode_consensus,
+    encode_images,
+    encode_scores,
+    encode_subcommittees,
+    errors_table,
+    file_of,
+    images_file,
+    member_errors_file,
+    read_attributions,
+    read_inputs,
+)
+from ray_consensus.runroot.units import Unit
+from ray_consensus.spec.config import MethodSpec
+from ray_consensus.storage.store import Store
+
 
 @dataclass
 class ShardMaps:

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from ray_consensus.errors import SpecError, suggest
-from ray_consensus.explainer_params import PARAMS, ExplainerParams, parse_params, schema_lines
-from ray_consensus.fields import build, describe, spec_field
-
+from ray_consensus.errors import SpecError
+from ray_consensus.spec.explainer_params import PARAMS, ExplainerParams, parse_params, schema_lines
+from ray_consensus.spec.fields import build, describe, spec_field
 
 _f = spec_field
 

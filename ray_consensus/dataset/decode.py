@@ -15,8 +15,9 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from ray_consensus.config import StorageSpec
-from ray_consensus.storage import is_s3, read_uri_bytes, split_s3
+from ray_consensus.errors import first_line
+from ray_consensus.spec.config import StorageSpec
+from ray_consensus.storage.store import is_s3, read_uri_bytes, split_s3
 
 MIN_SIDE = 8                 # smaller images carry no usable spatial explanation
 MAX_PIXELS = 64_000_000      # decompression-bomb guard (PIL raises above twice its own limit)
@@ -66,7 +67,7 @@ def _open(data: bytes, what: str, load: bool = True) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeError(f"{what} too large (decompression-bomb guard: {e})") from None
     except Exception as e:
-        raise DecodeError(f"cannot decode {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise DecodeError(f"cannot decode {what}: {type(e).__name__}: {first_line(e) if str(e).strip() else ''}"
                           .rstrip(": ")) from None
 
 

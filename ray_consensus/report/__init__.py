@@ -1,0 +1,3 @@
+"""What a reader sees: the report's data gathered from the run root (`collect`), rendered as one
+self-contained HTML page (`render`), and pseudo segmentation masks from the consensus (`pseudo_masks`).
+"""

@@ -1,0 +1,3 @@
+"""From stored maps to figures, in plain numpy: the consensus math (`consensus`), each shard's
+reduce (`reduce`) and the run-level tables from per-shard aggregates (`tables`).
+"""
