@@ -68,16 +68,12 @@ def build_spec(spec_file: Optional[Path], dataset=None, models=None, explainer=N
 
 
 def _guard(fn, *args, **kwargs):
-    from ray_consensus.errors import ClusterError, RunFailed
-    from ray_consensus.storage.lease import LeaseHeld
-    from ray_consensus.storage.store import StorageError
+    from ray_consensus.errors import UserError
 
     try:
         return fn(*args, **kwargs)
-    except (SpecError, StorageError, LeaseHeld) as e:
-        fail(str(e))
-    except (ClusterError, RunFailed) as e:
-        fail(str(e), code=1)
+    except UserError as e:
+        fail(str(e), code=e.exit_code)
 
 
 @app.command()

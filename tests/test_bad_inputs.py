@@ -11,7 +11,8 @@ import pytest
 from imagesets import make_image_folder, tiny_spec
 from PIL import Image
 
-from ray_consensus.dataset.decode import DecodeError, decode_image, decode_mask
+from ray_consensus.dataset.decode import decode_image, decode_mask
+from ray_consensus.errors import DecodeError
 from ray_consensus.runner import execute
 from ray_consensus.spec.config import parse_spec
 

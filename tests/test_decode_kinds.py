@@ -20,7 +20,8 @@ from imagesets import make_image_folder, tiny_spec
 from PIL import Image
 
 from ray_consensus.attribution.pipeline import DecodeShard, ShardTask, StageContext
-from ray_consensus.dataset.decode import DecodeError, decode_image, decode_mask, image_size_of, square_crop
+from ray_consensus.dataset.decode import decode_image, decode_mask, image_size_of, square_crop
+from ray_consensus.errors import DecodeError
 from ray_consensus.runroot.contract import ImageRef
 from ray_consensus.runroot.units import Unit
 from ray_consensus.spec.config import parse_spec

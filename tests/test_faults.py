@@ -19,10 +19,10 @@ import torch
 import yaml
 from imagesets import make_image_folder, tiny_spec
 
-from ray_consensus.errors import SpecError
+from ray_consensus.errors import LeaseHeld, SpecError
 from ray_consensus.models.committee import load_state_dict_bytes
 from ray_consensus.spec.config import parse_spec
-from ray_consensus.storage.lease import Lease, LeaseHeld
+from ray_consensus.storage.lease import Lease
 from ray_consensus.storage.store import LocalStore
 
 ray = pytest.importorskip("ray")

@@ -117,8 +117,9 @@ class DecodeShard:
         self.ctx = ctx
 
     def decode(self, task: ShardTask) -> DecodedShard:
-        from ray_consensus.dataset.decode import DecodeError, decode_image, decode_mask, image_size_of, read_input
+        from ray_consensus.dataset.decode import decode_image, decode_mask, image_size_of, read_input
         from ray_consensus.dataset.superpixels import segment
+        from ray_consensus.errors import DecodeError
 
         spec, seg_params = self.ctx.spec, self.ctx.segmentation
         size, map_size = spec.run.image_size, spec.run.map_size

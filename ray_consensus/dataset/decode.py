@@ -15,16 +15,12 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from ray_consensus.errors import first_line
+from ray_consensus.errors import DecodeError, first_line
 from ray_consensus.spec.config import StorageSpec
 from ray_consensus.storage.store import is_s3, read_uri_bytes, split_s3
 
 MIN_SIDE = 8                 # smaller images carry no usable spatial explanation
 MAX_PIXELS = 64_000_000      # decompression-bomb guard (PIL raises above twice its own limit)
-
-
-class DecodeError(ValueError):
-    """An input that cannot be used; the message is the reason stored in errors/."""
 
 
 def read_input(uri: str | None, storage: StorageSpec | None, what: str) -> bytes:

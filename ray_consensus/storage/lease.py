@@ -17,14 +17,11 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+from ray_consensus.errors import LeaseHeld
 from ray_consensus.storage.store import Store
 
 LEASE_FILE = "_lease.json"
 TTL_S = float(os.environ.get("RAY_CONSENSUS_LEASE_TTL", "300"))
-
-
-class LeaseHeld(RuntimeError):
-    """Another live run holds the run root."""
 
 
 def _iso(t: float) -> str:

@@ -25,17 +25,13 @@ from urllib.parse import urlparse
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_consensus.errors import SpecError
+from ray_consensus.errors import SpecError, StorageError
 from ray_consensus.spec.config import StorageSpec
 from ray_consensus.storage.atomic import atomic_write
 from ray_consensus.storage.listing import walk, walk_later
 
 # Dictionary encoding bloats float maps (~19 KB vs 12.5 KB raw for 56x56 float32); zstd shrinks them.
 PARQUET_OPTIONS = {"use_dictionary": False, "compression": "zstd"}
-
-
-class StorageError(RuntimeError):
-    """A storage problem the user must fix (endpoint, keys, bucket); one-line message."""
 
 
 def is_s3(uri: str) -> bool:
