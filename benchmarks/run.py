@@ -58,11 +58,11 @@ from baselines import (
 from imagesets import make_image_folder
 from monitor import Monitor, Usage, combined
 
-from ray_consensus.cli import DEMO_EXPLAINER_PARAMS, demo_spec
 from ray_consensus.dataset.decode import decode_image
 from ray_consensus.dataset.manifest import read_manifest
 from ray_consensus.dataset.superpixels import segment
-from ray_consensus.demo.build import DEMO_COMMITTEE, model_kwargs
+from ray_consensus.demo.committee import DEMO_COMMITTEE, model_kwargs
+from ray_consensus.demo.spec import DEMO_EXPLAINER_PARAMS, demo_spec
 from ray_consensus.explainers import ScoreModel, create_explainer
 from ray_consensus.explainers.lime import Lime, fill_with_mean_colours
 from ray_consensus.models.committee import Preprocess, create_member_model, member_data_config
@@ -71,6 +71,7 @@ from ray_consensus.planning.plan import make_plan
 from ray_consensus.planning.preflight import preflight
 from ray_consensus.results import consensus as cm
 from ray_consensus.runner import execute
+from ray_consensus.runroot.record import RunRecord
 from ray_consensus.spec.config import DatasetSpec, MemberSpec, RunSpec, parse_member, parse_spec
 
 PHOTO = (240, 320)  # (h, w) of the generated PNGs: decoded, resized and cropped like real photos
@@ -147,15 +148,15 @@ def load_member(member: MemberSpec, num_classes: int) -> tuple[torch.nn.Module, 
     return model, Preprocess(member_data_config(model))
 
 
-def timed_execute(spec: RunSpec, interval_s: float = 2.0, memory: bool = False) -> tuple[dict, Usage]:
+def timed_execute(spec: RunSpec, interval_s: float = 2.0, memory: bool = False) -> tuple[RunRecord, Usage]:
     """execute() under a Monitor: run.json and what the run used (wall time, CPU; memory if asked)."""
     with Monitor(interval_s, memory) as m:
         info = execute(spec, progress=False)
     return info, m.usage
 
 
-def timings_text(info: dict) -> str:
-    t = info["timings"]
+def timings_text(info: RunRecord) -> str:
+    t = info.timings
     return ", ".join(f"{k} {t[k]:.1f} s" for k in ("attributions_s", "reduce_s", "tables_s", "total_s") if k in t)
 
 
@@ -192,7 +193,7 @@ def image_set(work: Path, name: str, n: int, masks: bool) -> Path:
 
 # ---------------------------------------------------------------- figure 1
 
-def end_to_end(work: Path, scale: float) -> dict:
+def end_to_end(work: Path, scale: float) -> RunRecord:
     n = 4 * max(2, round(64 * scale))  # 8 shards: a throughput, with the per-run start-up inside it
     data = image_set(work, "e2e-data", n, masks=False)
     spec = spec_for(data, work / "e2e-run", ["m=resnet10t@random"], {"n_samples": 10}, run={"shard_size": 32})
@@ -342,7 +343,7 @@ def lime_vs_captum(work: Path, scale: float) -> None:
 
 # ---------------------------------------------------------------- figure 3
 
-def committee_vs_sequential(work: Path, scale: float) -> tuple[dict, RunSpec]:
+def committee_vs_sequential(work: Path, scale: float) -> tuple[RunRecord, RunSpec]:
     n = 4 * max(2, round(6 * scale))
     data = image_set(work, "committee-data", n, masks=True)
     members = demo_members()
@@ -380,7 +381,7 @@ def committee_vs_sequential(work: Path, scale: float) -> tuple[dict, RunSpec]:
 MEMORY_COMMITTEE = ["mobilenetv3_small_050", "lcnet_050"]
 
 
-def memory_growth(work: Path, scale: float) -> tuple[RunSpec, dict]:
+def memory_growth(work: Path, scale: float) -> tuple[RunSpec, RunRecord]:
     n = 4 * max(2, round(6 * scale))
     runs = {}
     for count in (n, 10 * n):
@@ -404,26 +405,26 @@ def memory_growth(work: Path, scale: float) -> tuple[RunSpec, dict]:
 
 # ---------------------------------------------------------------- figures 5 and 6
 
-def reducer_share(committee: tuple[dict, RunSpec], others: dict[str, dict]) -> None:
+def reducer_share(committee: tuple[RunRecord, RunSpec], others: dict[str, RunRecord]) -> None:
     info, spec = committee
-    t = info["timings"]
+    t = info.timings
     share = t["reduce_s"] / t["attributions_s"]
     say(Figure("reducer_share_of_attribution", share, ".1%", "<= 5%", share <= 0.05).line())
     # The same reduction in this process, without Ray: what reduce_s costs beyond the math.
-    from ray_consensus.results.reduce import reduce_shard
+    from ray_consensus.results.reduce import ReduceTask, reduce_shard
 
     store, manifest, _ = preflight(spec, check_weights=False, list_units=False)
     plan = make_plan(spec, store, manifest)
     t0 = time.perf_counter()
     for p in plan.shards.values():  # the same fingerprint: rewrites the same files
-        reduce_shard(store, p.shard, p.reduce, [m.id for m in spec.committee], spec.method, spec.run.map_size,
-                     plan.subsets, plan.images(p.shard))
+        reduce_shard(store, ReduceTask(p.shard, p.reduce, [m.id for m in spec.committee], spec.method,
+                                       spec.run.map_size, plan.subsets, plan.images(p.shard)))
     in_process = time.perf_counter() - t0
     note(f"figure 3's run.json ({len(spec.committee)} members, masks, {len(plan.shards)} shards): reduce_s "
          f"{t['reduce_s']:.2f} s / attributions_s {t['attributions_s']:.2f} s; the same reduction in this process, "
          f"no Ray: {in_process:.2f} s ({in_process / t['attributions_s']:.1%} of attributions_s)")
-    note("other runs: " + "; ".join(f"{k} {v['timings']['reduce_s']:.2f} s / {v['timings']['attributions_s']:.2f} s = "
-                                   f"{v['timings']['reduce_s'] / v['timings']['attributions_s']:.1%}"
+    note("other runs: " + "; ".join(f"{k} {v.timings['reduce_s']:.2f} s / {v.timings['attributions_s']:.2f} s = "
+                                   f"{v.timings['reduce_s'] / v.timings['attributions_s']:.1%}"
                                    for k, v in others.items()))
 
 
@@ -436,16 +437,16 @@ def scores(root: str) -> dict[tuple[str, str], float]:
     return {(i, m): s for i, m, s in zip(t["image_id"], t["model_id"], t["consensus_score"])}
 
 
-def storage(work: Path, committee: tuple[dict, RunSpec], memory_run: tuple[RunSpec, dict]) -> None:
+def storage(work: Path, committee: tuple[RunRecord, RunSpec], memory_run: tuple[RunSpec, RunRecord]) -> None:
     base, base_info = memory_run
-    n_img, n_models = base_info["counts"]["images"], base_info["counts"]["models"]
+    n_img, n_models = base_info.counts.images, base_info.counts.models
     m = base.run.map_size
     say(Figure("bytes_per_image_model", attribution_bytes(base.run.output) / (n_img * n_models), ".0f").line())
     info, spec = committee
     note(f"figure 4's {n_img}-image run at default settings (SmoothGrad, map {m}x{m} {base.run.map_dtype}, "
          f"{m * m * 4} bytes raw), {n_models} models, Parquet bytes under attributions/; figure 3's LIME run "
          f"(maps constant on superpixels, {spec.run.map_size} px): "
-         f"{attribution_bytes(spec.run.output) / (info['counts']['images'] * info['counts']['models']):.0f}")
+         f"{attribution_bytes(spec.run.output) / (info.counts.images * info.counts.models):.0f}")
 
     # float16 vs float32: attributions are seeded per unit, so only the stored type differs.
     half = variant(base, work / "f16-run", run={"map_dtype": "float16"})
@@ -456,7 +457,7 @@ def storage(work: Path, committee: tuple[dict, RunSpec], memory_run: tuple[RunSp
     maps = stored_maps(base.run.output, [m.id for m in base.committee])
     plain, scaled = float16_error(maps, scaled=False), float16_error(maps, scaled=True)
     say(Figure("float16_consensus_score_error_scaled_per_map_reference", scaled, ".1e").line())
-    note(f"figure 4's {base_info['counts']['images']}-image run (product defaults) rerun with run.map_dtype "
+    note(f"figure 4's {base_info.counts.images}-image run (product defaults) rerun with run.map_dtype "
          f"float16; max |score16 - score32| over {len(a)} (image, model) scores; "
          f"{attribution_bytes(half.run.output) / len(a):.0f} bytes per image-model in float16 vs "
          f"{attribution_bytes(base.run.output) / len(a):.0f} in float32")
@@ -547,8 +548,8 @@ def committee_16_members(work: Path, scale: float) -> None:
     sched = slots_of(spec)
     note(f"{len(members)} members ({', '.join(SMALL_ARCHS)}, twice each, random init, 224 px inputs), {n} PNG images "
          f"64 px, saliency, batch {spec.resources.batch_size}; pipeline: {sched.slots} slot(s) x {sched.slot_cpus:g} "
-         f"CPU -> {sched.torch_threads} thread(s), {info['timings']['member_loads']} member loads "
-         f"({info['timings']['member_load_s']:.1f} s), {n * len(members) / used.wall_s:.1f} (member, image) pairs/s "
+         f"CPU -> {sched.torch_threads} thread(s), {info.timings['member_loads']} member loads "
+         f"({info.timings['member_load_s']:.1f} s), {n * len(members) / used.wall_s:.1f} (member, image) pairs/s "
          f"over {used.wall_s:.1f} s of execute(); run.json: {timings_text(info)}; {cpu_text(used)}")
     note(f"loop (one process: per member build the model, then per batch of pre-decoded images its predictions and "
          f"captum's Saliency; the first half of the members before the pipeline run, the second after): "

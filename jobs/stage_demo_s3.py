@@ -18,14 +18,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ray_consensus.demo.build import ensure_demo
+from ray_consensus.demo.spec import ensure_demo
 from ray_consensus.storage.store import open_store
 
 
 def stage_demo(dest: str, **demo_options) -> list[str]:
     """Write the demo's images, masks and checkpoints under `dest`; returns the relative paths written.
 
-    `demo_options` go to `ray_consensus.demo.build.ensure_demo` (cache_dir, seed, spec, recipes, progress).
+    `demo_options` go to `ray_consensus.demo.spec.ensure_demo` (cache_dir, seed, spec, recipes, progress).
     """
     root, committee = ensure_demo(**demo_options)
     store = open_store(dest)

@@ -6,7 +6,7 @@
 Every line goes through `say`, which lifts the bar off the line it is drawn on and puts it back
 below, so lines and bar never interleave. Off a terminal (a `ray job submit` log, a file, CI)
 there is no bar: the runner prints a line per finished shard instead, which reads well in a log.
-Ray's own loggers are kept to errors (`cluster.init_ray`, `pipeline.quiet_ray_data`), so what
+Ray's own loggers are kept to errors (`cluster.init_ray`, `dispatch.quiet_ray_data`), so what
 remains is ours, or a real error from Ray. Errors that Ray's own processes (raylet, GCS) forward to
 the driver, such as a node's disk over 95% full, become one line of ours per source (`RayLogs`);
 what workers print passes through, with the bar lifted off its line.
@@ -49,8 +49,9 @@ def say(msg: str) -> None:
 
 class RayLogs:
     """A handler for the log batches Ray forwards to the driver (`cluster.init_ray` puts it in place of
-    Ray's own printer, which it wraps). Lines of Ray's own processes become ours, each source once
-    (the raylet repeats its disk warning every few seconds); workers' output goes to `passthrough`."""
+    Ray's own printer, which it wraps, with `compat.route_forwarded_logs`). Lines of Ray's own processes
+    become ours, each source once (the raylet repeats its disk warning every few seconds); workers'
+    output goes to `passthrough`."""
 
     PROCESSES = ("raylet", "gcs_server")
 

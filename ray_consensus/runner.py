@@ -12,9 +12,10 @@ grown data set only its new shards.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import platform
 import time
-from datetime import datetime, timezone
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -25,14 +26,15 @@ from ray_consensus.errors import RunFailed, first_line
 from ray_consensus.planning.plan import Plan, make_plan
 from ray_consensus.planning.preflight import preflight
 from ray_consensus.planning.schedule import Schedule, make_schedule
-from ray_consensus.runroot.contract import RUN_FILE, count_errors, write_manifest
+from ray_consensus.runroot.contract import count_errors, write_manifest
+from ray_consensus.runroot.record import RunCounts, RunRecord, UnitCounts
 from ray_consensus.runroot.units import remove_shards
 from ray_consensus.spec.config import RunSpec
 from ray_consensus.storage.store import Store
 
 
-def execute(spec: RunSpec, force: bool = False, progress: bool = True, report: bool = True) -> dict:
-    """Run (or resume) the whole job. Returns the run.json dict.
+def execute(spec: RunSpec, force: bool = False, progress: bool = True, report: bool = True) -> RunRecord:
+    """Run (or resume) the whole job. Returns its run.json as the run leaves it (`ray_consensus.run`).
 
     Nothing is written before the run root is leased, and the lease is taken only once the plan's
     schedule fits the cluster: a member that could never be placed fails with one line first.
@@ -48,15 +50,18 @@ def execute(spec: RunSpec, force: bool = False, progress: bool = True, report: b
     with Lease(store) as lease, recorded(store, lease.holder):
         summary = plan.summary(spec, manifest)
         if schedule is not None and schedule.members:
-            summary["schedule"] = schedule.describe()
-        say(f"plan: {summary['images']} images in {summary['shards']} shards, {summary['models']} models; "
-            f"{summary['attribution_units_to_compute']}/{summary['attribution_units']} attribution units "
-            f"and {summary['reduce_units_to_compute']} reduce units to compute")
-        if "schedule" in summary:
-            say(f"schedule: {summary['schedule']}")
-        store.write_json(RUN_FILE, {**run_info(spec, "running", summary, manifest.class_names), "driver": lease.holder})
+            summary = dataclasses.replace(summary, schedule=schedule.describe())
+        say(f"plan: {summary.images} images in {summary.shards} shards, {summary.models} models; "
+            f"{summary.attribution_units_to_compute}/{summary.attribution_units} attribution units "
+            f"and {summary.reduce_units_to_compute} reduce units to compute")
+        if summary.schedule is not None:
+            say(f"schedule: {summary.schedule}")
+        # class_names: a later run of the same root must find the same class folders (`preflight.check_classes`)
+        record = RunRecord(status="running", spec_data=spec.to_public_dict(), plan=summary,
+                           class_names=manifest.class_names, versions=versions(), driver=lease.holder)
+        record.save(store)
         if plan.others:
-            say(plan.others_note())
+            say(summary.others_note())
         if plan.gone:
             say(f"removing shards {','.join(map(str, plan.gone))}: every image of theirs left the data set")
             remove_shards(store, plan.gone)  # before the manifest that lists them goes: a crash here is redone
@@ -67,26 +72,22 @@ def execute(spec: RunSpec, force: bool = False, progress: bool = True, report: b
         t_tables = time.time()
         tables = write_tables(spec, store, plan.shard_ids)
         timings["tables_s"] = round(time.time() - t_tables, 3)
-        info = run_info(spec, "complete", summary, manifest.class_names)
-        info.update({
-            "units_computed": {"attributions": attr_units, "reduce": reduce_units},
-            "units_skipped": {"attributions": summary["attribution_units"] - attr_units,
-                              "reduce": len(plan.shards) - reduce_units},
-            "counts": {"images": summary["images"], "shards": len(plan.shards), "models": len(spec.committee),
-                       "errors": count_errors(store, plan.shard_ids), "voted": int(tables["consensus_voted"])},
-            "timings": {**timings, "total_s": round(time.time() - t0, 3)},
-            "driver": lease.holder,
-        })
+        record = record.updated_to(
+            "complete", units_computed=UnitCounts(attr_units, reduce_units),
+            units_skipped=UnitCounts(summary.attribution_units - attr_units, len(plan.shards) - reduce_units),
+            counts=RunCounts(summary.images, len(plan.shards), len(spec.committee), count_errors(store, plan.shard_ids),
+                             int(tables["consensus_voted"])),
+            timings={**timings, "total_s": round(time.time() - t0, 3)})
         if report:  # the report reads run.json: the run is complete once the report is written
-            store.write_json(RUN_FILE, {**info, "status": "running"})
+            dataclasses.replace(record, status="running").save(store)
             try:
                 write_report(store)
             except OSError as e:
                 raise RunFailed(f"the report could not be written to {store.uri('report/index.html')} "
                                 f"({e.strerror or e}); the results and tables are stored: run `ray-consensus report "
                                 f"{store.root}` once that is fixed") from e
-        store.write_json(RUN_FILE, info)
-    return info
+        record.save(store)
+    return record
 
 
 @contextlib.contextmanager
@@ -98,12 +99,11 @@ def recorded(store: Store, driver: dict):
         yield
     except BaseException as e:
         try:
-            info = store.read_json(RUN_FILE)
-            if (info.get("driver") or {}).get("run_id") == driver["run_id"]:
-                info.update(status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                            updated=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                            error=first_line(e) if isinstance(e, RunFailed) else f"{type(e).__name__}: {first_line(e)}")
-                store.write_json(RUN_FILE, info)
+            record = RunRecord.load(store)
+            if record.run_id == driver["run_id"]:
+                record.updated_to("interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                                  error=first_line(e) if isinstance(e, RunFailed)
+                                  else f"{type(e).__name__}: {first_line(e)}").save(store)
         except Exception:  # the store may be what failed (a full disk): `status` still sees the lease gone
             pass
         raise
@@ -126,88 +126,126 @@ def run_cluster(spec: RunSpec, store: Store, manifest: Manifest, plan: Plan, sch
                 progress: bool):
     """The Ray part: the attribution slots, and each shard's reduce task as soon as the shard's units are
     all written (shards with nothing to attribute at once), so the reducer runs beside the attributions
-    rather than after them."""
+    rather than after them. One loop reads the dispatcher's events and the reduce tasks' ends."""
     timings = {"attributions_s": 0.0, "reduce_s": 0.0, "reduce_tail_s": 0.0}
     if schedule is None:
         return 0, 0, timings
-    import ray
+    from ray_consensus.attribution.decode_stage import segmentation_of
+    from ray_consensus.attribution.dispatch import Dispatcher
+    from ray_consensus.attribution.records import (
+        AttributionsDone,
+        ShardDone,
+        ShardTask,
+        StageContext,
+        UnitWritten,
+        WindowDone,
+    )
+    from ray_consensus.results.reduce import ReduceResult
 
-    from ray_consensus.attribution.pipeline import ShardTask, StageContext, run_attributions, segmentation_of
-    from ray_consensus.results.reduce import reduce_shard
-
-    attribute, to_reduce = plan.to_attribute(), {p.shard: p for p in plan.to_reduce()}
-    ctx = StageContext(spec, manifest.num_classes, store, schedule, segmentation_of(spec))
-    ids = [m.id for m in spec.committee]
-    remote = ray.remote(num_cpus=schedule.light_cpus, max_retries=3)(reduce_shard)
-    refs = []
-
-    def start_reduce(s: int) -> None:
-        if s in to_reduce:
-            refs.append(remote.remote(store, s, to_reduce[s].reduce, ids, spec.method, spec.run.map_size,
-                                      plan.subsets, plan.images(s)))
-
-    for s in sorted(set(to_reduce) - {p.shard for p in attribute}):
-        start_reduce(s)
+    attribute = plan.to_attribute()
+    reduces = _ReduceTasks(spec, store, plan, schedule)
+    for s in sorted(set(reduces.plans) - {p.shard for p in attribute}):
+        reduces.start(s)
     n_units = sum(len(p.models_to_compute) for p in attribute)
     tasks = [ShardTask(p.shard, plan.images(p.shard), p.inputs,
                        {m: p.attributions[m] for m in p.models_to_compute}) for p in attribute]
     # On a terminal one bar for the run; in a log (job logs, CI) a line per shard.
     bar = Progress(sum(len(t.images) * len(t.attributions) for t in tasks)) if progress and on_terminal() else None
     lines = progress and bar is None
-    with bar or contextlib.nullcontext():
-        if tasks:
-            count = [0]
-
-            def shard_done(done):
-                count[0] += 1
-                if lines:
-                    counts = "" if done.n_images is None else f"; {done.n_images} images, {done.n_errors} errors"
-                    say(f"attributions: shard {done.shard} done ({count[0]}/{len(tasks)}{counts}; "
-                        f"models: {','.join(done.models) or '-'})")
-                start_reduce(done.shard)
-
-            timings.update(run_attributions(ctx, tasks, shard_done, say if lines else None,
-                                            bar.add if bar else None))
-        t0 = time.time()
-        for i, ref in enumerate(_as_completed(refs)):
-            out = ray.get(ref)
-            timings["reduce_s"] += out["seconds"]
-            if lines:
-                say(f"reduce: shard {out['shard']} done ({i + 1}/{len(refs)})")
-            elif bar:
-                bar.note(f"reduce {i + 1}/{len(refs)} shards")
+    ctx = StageContext(spec, manifest.num_classes, store, schedule, segmentation_of(spec))
+    attributions = Dispatcher(ctx, tasks).run()  # starts nothing until the loop reads its first event
+    shards_done, tail_from = 0, time.time()
+    with bar or contextlib.nullcontext(), contextlib.closing(attributions):
+        for event in reduces.beside(attributions):
+            match event:
+                case UnitWritten():
+                    if bar:
+                        bar.add(event.n_images + event.n_errors)  # the unit's images, failed ones included
+                case WindowDone():
+                    if lines:
+                        say(f"member {event.model_id}: window {event.window}/{event.n_windows} done in "
+                            f"{event.seconds:.1f} s")
+                case ShardDone():
+                    shards_done += 1
+                    if lines:
+                        counts = "" if event.n_images is None else f"; {event.n_images} images, {event.n_errors} errors"
+                        say(f"attributions: shard {event.shard} done ({shards_done}/{len(tasks)}{counts}; "
+                            f"models: {','.join(event.models) or '-'})")
+                    reduces.start(event.shard)
+                case AttributionsDone():
+                    loads = [seconds for _, seconds in event.loads]
+                    timings.update(attributions_s=round(event.seconds, 3), member_loads=len(loads),
+                                   member_load_s=round(sum(loads), 3))
+                    tail_from = time.time()
+                case ReduceResult():
+                    timings["reduce_s"] += event.seconds
+                    if lines:
+                        say(f"reduce: shard {event.shard} done ({reduces.done}/{len(reduces.plans)})")
+                    elif bar:
+                        bar.note(f"reduce {reduces.done}/{len(reduces.plans)} shards")
     timings["reduce_s"] = round(timings["reduce_s"], 3)
-    timings["reduce_tail_s"] = round(time.time() - t0, 3)
-    return n_units, len(to_reduce), timings
+    timings["reduce_tail_s"] = round(time.time() - tail_from, 3)
+    return n_units, len(reduces.plans), timings
 
 
-def _as_completed(refs):
-    import ray
+class _ReduceTasks:
+    """The shards' reduce tasks on Ray: each started once its shard's units are all written (`start`),
+    and collected as they end (`beside`)."""
 
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        yield ready[0]
+    def __init__(self, spec: RunSpec, store: Store, plan: Plan, schedule: Schedule):
+        import ray
+
+        from ray_consensus.results.reduce import reduce_shard
+
+        self.spec, self.store, self.plan = spec, store, plan
+        self.plans = {p.shard: p for p in plan.to_reduce()}  # shard -> its plan, for each reduce to compute
+        self.remote = ray.remote(num_cpus=schedule.light_cpus, max_retries=3)(reduce_shard)
+        self.running: list = []
+        self.done = 0
+
+    def start(self, shard: int) -> None:
+        """Start the shard's reduce task, if its reduce unit is to compute."""
+        from ray_consensus.results.reduce import ReduceTask
+
+        if shard in self.plans:
+            spec, ids = self.spec, [m.id for m in self.spec.committee]
+            self.running.append(self.remote.remote(self.store, ReduceTask(
+                shard, self.plans[shard].reduce, ids, spec.method, spec.run.map_size, self.plan.subsets,
+                self.plan.images(shard))))
+
+    def ended(self, timeout: float | None) -> Iterator:
+        """The `ReduceResult`s of the tasks that have ended (timeout 0: without waiting), or of the next one
+        to end (None)."""
+        import ray
+
+        if not self.running:
+            return
+        ready, self.running = ray.wait(self.running, num_returns=1 if timeout is None else len(self.running),
+                                       timeout=timeout)
+        for ref in ready:
+            self.done += 1
+            yield ray.get(ref)
+
+    def beside(self, events: Iterator) -> Iterator:
+        """`events`, with the reduce tasks that ended between two of them (never keeping the next event
+        waiting), then each task still running as it ends."""
+        for event in events:
+            yield event
+            yield from self.ended(timeout=0)
+        while self.running:
+            yield from self.ended(timeout=None)
 
 
-def run_info(spec: RunSpec, status: str, plan: dict, class_names: list[str]) -> dict:
-    """run.json; `class_names`: the data set's class folders in label order (a table manifest: none), which
-    a later run of the same root must have too (`preflight.check_classes`)."""
+def versions() -> dict[str, str]:
+    """The driver's versions of what computes the results, for run.json."""
     import captum
     import ray
     import timm
     import torch
 
-    return {
-        "status": status,
-        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "spec": spec.to_public_dict(),
-        "plan": plan,
-        "class_names": class_names,
-        "versions": {"ray_consensus": _version(), "python": platform.python_version(), "ray": ray.__version__,
-                     "torch": torch.__version__, "timm": timm.__version__, "captum": captum.__version__,
-                     "numpy": np.__version__, "pyarrow": pa.__version__},
-    }
+    return {"ray_consensus": _version(), "python": platform.python_version(), "ray": ray.__version__,
+            "torch": torch.__version__, "timm": timm.__version__, "captum": captum.__version__,
+            "numpy": np.__version__, "pyarrow": pa.__version__}
 
 
 def _version() -> str:

@@ -1,5 +1,6 @@
 """Fixtures shared by the whole suite."""
 
+import contextlib
 import importlib.util
 import shutil
 import uuid
@@ -7,7 +8,33 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 from s3server import S3Server
+
+
+@contextlib.contextmanager
+def _local_ray(**options):
+    """A Ray of this process alone (`address="local"`, never a cluster RAY_ADDRESS names) on 2 CPUs, no
+    dashboard; `options` go to `ray.init` (num_gpus: logical GPUs, runtime_env). Shut down on exit."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", **options)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """One local Ray (2 CPUs) for the tests of a module that ask for it."""
+    with _local_ray():
+        yield
+
+
+@pytest.fixture(scope="session")
+def fresh_ray():
+    """`with fresh_ray(num_gpus=5):` a local Ray inside one test, for a test that needs several Rays one
+    after another or one that must see what the test set up first (logical GPUs, environment variables)."""
+    return _local_ray
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +78,6 @@ def legacy_root(s3_server, tmp_path, monkeypatch):
     from ray_consensus.spec.config import parse_spec
 
     yield root, parse_spec(fixture.spec(str(root)))
-    import ray
-
     ray.shutdown()  # execute() started one for the reducer: leave the next tests a clean process
 
 
@@ -75,14 +100,13 @@ def _broken_copy(path: Path, value: float) -> str:
 
 
 @pytest.fixture(scope="session")
-def broken_member_runs(tmp_path_factory) -> dict:
+def broken_member_runs(tmp_path_factory, fresh_ray) -> dict:
     """One run root for tests/test_nonfinite.py and tests/test_stored_tables.py: members a, b, then a, b and
     two copies of a with one weight NaN (`n`) and inf (`i`). Its data set is a CSV manifest: 8 good images
     with masks, a row whose label is out of range and, in a trailing shard of its own (shard_size 8), a
     truncated PNG. Returns root, the two runs' run.json (`healthy`, `broken`) and the first run's tables."""
     import pandas as pd
     import pyarrow.parquet as pq
-    import ray
     from imagesets import make_image_folder, tiny_spec
 
     from ray_consensus.runner import execute
@@ -99,17 +123,11 @@ def broken_member_runs(tmp_path_factory) -> dict:
     root = tmp / "run"
     spec = tiny_spec(data, str(root))
     spec["dataset"] = {"path": str(tmp / "manifest.csv"), "num_classes": 2}
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
+    with contextlib.nullcontext() if ray.is_initialized() else fresh_ray():
         healthy = execute(parse_spec(spec), progress=False, report=False)
         before = {kind: pq.read_table(str(root / kind)).to_pandas() for kind in ("consensus", "scores")}
         before["models"] = pd.read_parquet(root / "tables" / "models.parquet")
         spec["committee"] += [{"id": m, "arch": "resnet10t", "weights": _broken_copy(tmp / f"{m}.safetensors", value)}
                               for m, value in (("n", np.nan), ("i", np.inf))]
         broken = execute(parse_spec(spec), progress=False)
-    finally:
-        if started:
-            ray.shutdown()
     return {"root": root, "healthy": healthy, "before": before, "broken": broken}

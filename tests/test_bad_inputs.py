@@ -16,8 +16,6 @@ from ray_consensus.errors import DecodeError
 from ray_consensus.runner import execute
 from ray_consensus.spec.config import parse_spec
 
-ray = pytest.importorskip("ray")
-
 
 def png(array: np.ndarray, mode: str | None = None) -> bytes:
     buf = io.BytesIO()
@@ -74,14 +72,8 @@ def test_mask_of_another_size_is_rejected():
     assert m.sum() == 100 and m[4].sum() == 0
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
-def test_run_records_bad_inputs_and_processes_all_good_images(tmp_path, local_ray):
+@pytest.mark.slow
+def test_run_records_bad_inputs_and_processes_all_good_images(tmp_path, ray_local):
     data = make_image_folder(tmp_path / "ds", n_classes=2, per_class=4)
     images, masks = data / "images", data / "masks"
     (images / "c0" / "truncated.png").write_bytes((images / "c0" / "img000.png").read_bytes()[:200])
@@ -114,7 +106,7 @@ def test_run_records_bad_inputs_and_processes_all_good_images(tmp_path, local_ra
     assert "outside the class range" in by_id[("c0/out-of-range", "manifest")]
     assert "duplicate image_id" in by_id[(rows[1]["image_id"], "manifest")]
     assert set(errors.columns) >= {"image_id", "uri", "stage", "reason"}
-    assert info["counts"]["errors"] == len(expected)
+    assert info.counts.errors == len(expected)
 
     attrs = pq.read_table(str(tmp_path / "run" / "attributions")).to_pandas()
     good = {f"c{c}/img{i:03d}" for c in range(2) for i in range(4)} | {"c1/grey"}

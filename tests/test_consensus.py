@@ -1,4 +1,4 @@
-"""Specification of the consensus math (ray_consensus.results.consensus) by hand-computed cases.
+"""Specification of the consensus math (ray_consensus.results.consensus, .correlation) by hand-computed cases.
 
 The running example is a committee of 3 models explaining one 2x2 image; maps are
 flattened row-major, so pixel order is (top-left, top-right, bottom-left, bottom-right).
@@ -9,22 +9,21 @@ import math
 import numpy as np
 import pytest
 from scipy import stats
+from sklearn import metrics
 
 from ray_consensus.planning.plan import subcommittees
 from ray_consensus.results import consensus
-from ray_consensus.results.consensus import (
-    alignment,
+from ray_consensus.results.consensus import alignment, leave_one_out_votes, normalise, similarity, vote
+from ray_consensus.results.correlation import (
+    CORRELATIONS,
+    MemberStatistic,
     block_bootstrap_means,
     correlation,
     correlation_rows,
     correlations,
     fisher_interval,
-    leave_one_out_votes,
     member_bootstrap,
-    normalise,
     permutation_p_value,
-    similarity,
-    vote,
 )
 
 # Division by zero or an all-NaN mean anywhere in the math is a bug, not a warning.
@@ -305,7 +304,6 @@ def test_alignment_matches_brute_force_references():
 
 
 def test_alignment_matches_scikit_learn():
-    metrics = pytest.importorskip("sklearn.metrics")
     scores, mask = random_scored_masks(seed=1)
     np.testing.assert_allclose(
         alignment(scores, mask, "ap"),
@@ -366,7 +364,7 @@ def test_masks_without_foreground_or_background_are_undefined():
 SCIPY = {"pearson": stats.pearsonr, "spearman": stats.spearmanr, "kendall": stats.kendalltau}
 
 
-@pytest.mark.parametrize("method", consensus.CORRELATIONS)
+@pytest.mark.parametrize("method", CORRELATIONS)
 def test_correlation_is_scipy(method):
     rng = np.random.default_rng(3)
     x = rng.random(20)
@@ -380,7 +378,7 @@ def test_correlation_is_scipy(method):
     assert correlation(x_gappy, np.append(y, 1.0), method) == pytest.approx((coefficient, p_value))
 
 
-@pytest.mark.parametrize("method", consensus.CORRELATIONS)
+@pytest.mark.parametrize("method", CORRELATIONS)
 def test_correlation_undefined_cases(method):
     nan_pair = correlation([1.0, 2.0], [1.0, 2.0], method)  # n < 3
     assert all(math.isnan(v) for v in nan_pair)
@@ -388,7 +386,7 @@ def test_correlation_undefined_cases(method):
     assert all(math.isnan(v) for v in nan_pair)
 
 
-@pytest.mark.parametrize("method", consensus.CORRELATIONS)
+@pytest.mark.parametrize("method", CORRELATIONS)
 def test_many_correlations_at_once_equal_scipy_row_by_row(method):
     rng = np.random.default_rng(11)
     x = rng.random((40, 7))
@@ -475,12 +473,13 @@ def test_rows_carry_both_intervals_and_a_monotone_committee_excludes_zero():
     score, correct = committee(10, 400, rng, slope=1.0)
     ones = np.ones_like(score)
     reps = block_bootstrap_means(np.hstack([score, correct]), np.hstack([ones, ones]), 300, 0)
-    rows = correlation_rows(score.mean(0), correct.mean(0), reps[:, :10], reps[:, 10:], "x", "y", n_boot=300,
-                            n_perm=2000)
-    assert [(r["method"], r["ci_over"]) for r in rows] == [(m, o) for m in consensus.CORRELATIONS
+    rows = correlation_rows(MemberStatistic("x", score.mean(0), reps[:, :10]),
+                            MemberStatistic("y", correct.mean(0), reps[:, 10:]), n_boot=300, n_perm=2000)
+    assert [(r["method"], r["ci_over"]) for r in rows] == [(m, o) for m in CORRELATIONS
                                                            for o in ("images", "members")]
     for row in rows:
-        assert row["n"] == 10 and row["ci_low"] <= row["coefficient"] <= row["ci_high"]
+        assert (row["x"], row["y"], row["n"]) == ("x", "y", 10)
+        assert row["ci_low"] <= row["coefficient"] <= row["ci_high"]
         assert 0 < row["ci_low"] and row["p_permutation"] < 0.01
         assert row["p_value"] == pytest.approx(correlation(score.mean(0), correct.mean(0), row["method"])[1])
 
@@ -546,8 +545,8 @@ def test_subcommittees_are_seeded_distinct_sorted_members():
         (lambda: leave_one_out_votes(NORMALISED, "mode"), consensus.VOTE_RULES),
         (lambda: similarity(RAW, RAW, "ssim"), consensus.SIMILARITIES),
         (lambda: alignment(SCORES, MASK, "iou"), consensus.ALIGNMENTS),
-        (lambda: correlation([1, 2, 3], [1, 2, 3], "distance"), consensus.CORRELATIONS),
-        (lambda: correlations(np.ones((3, 2)), np.ones((3, 2)), "distance"), consensus.CORRELATIONS),
+        (lambda: correlation([1, 2, 3], [1, 2, 3], "distance"), CORRELATIONS),
+        (lambda: correlations(np.ones((3, 2)), np.ones((3, 2)), "distance"), CORRELATIONS),
     ],
 )
 def test_unknown_names_list_the_valid_choices(call, choices):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from imagesets import make_image_folder, tiny_spec
 
@@ -73,6 +74,7 @@ def test_errors_of_rays_own_processes_become_one_line_of_ours_per_source(monkeyp
     assert passed == [worker]  # a worker's batch goes to Ray's printer as it came
 
 
+@pytest.mark.slow
 def test_a_run_on_a_terminal_shows_our_lines_and_one_bar_and_no_ray_logs(tmp_path):
     data = make_image_folder(tmp_path / "ds", n_classes=2, per_class=8)
     spec_file = tmp_path / "spec.yaml"
@@ -105,8 +107,9 @@ def test_a_run_on_a_terminal_shows_our_lines_and_one_bar_and_no_ray_logs(tmp_pat
     ray_lines = [p for p in pieces if RAY_LINE.search(p) or "WARNING" in p or "core_worker" in p]
     assert not ray_lines, ray_lines
     disk = [p for p in pieces if p.startswith("[ray-consensus] Ray's raylet: ")]
-    assert len(disk) <= 1 and all("is over 1% full" in p for p in disk), disk
+    assert len(disk) == 1 and "is over 1% full" in disk[0], disk  # one line of ours for the raylet's many
     assert all(p.startswith("[ray-consensus]") for p in pieces), [p for p in pieces if not p.startswith("[ray")]
+    assert not [p for p in pieces if "; checked on " in p]  # the installed Ray and timm take no compat fallback
     bars = [p for p in pieces if "image×member" in p]
     assert bars and "32/32 image×member" in bars[-1] and "done in" in bars[-1], bars
     assert "reduce 2/2 shards" in bars[-1]

@@ -1,6 +1,6 @@
 """Images and masks decode as their makers mean them (float TIFFs, colour and alpha masks); a manifest
 row whose URI is blank or a folder is a row of errors/, not the end of the run; decoding an extreme
-aspect ratio costs what its crop costs (issue 15, items 6, 8 and 12)."""
+aspect ratio costs what its crop costs."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ import skimage.data
 from imagesets import make_image_folder, tiny_spec
 from PIL import Image
 
-from ray_consensus.attribution.pipeline import DecodeShard, ShardTask, StageContext
+from ray_consensus.attribution.decode_stage import DecodeShard
+from ray_consensus.attribution.records import ShardTask, StageContext
 from ray_consensus.dataset.decode import decode_image, decode_mask, image_size_of, square_crop
 from ray_consensus.errors import DecodeError
 from ray_consensus.runroot.contract import ImageRef
@@ -34,7 +35,7 @@ def encoded(img: Image.Image, fmt: str = "PNG") -> bytes:
     return buf.getvalue()
 
 
-# ---------------------------------------------------------------- item 6: float TIFFs
+# ---------------------------------------------------------------- float TIFFs
 
 def test_float_tiff_in_unit_range_decodes_as_its_8_bit_twin():
     ramp = np.tile(np.linspace(0.0, 1.0, 48, dtype=np.float32), (40, 1))  # black to white
@@ -58,7 +59,7 @@ def test_float_tiff_of_unknown_range_is_an_error(values, reason):
     assert reason in str(err.value)
 
 
-# ---------------------------------------------------------------- item 6: colour and alpha masks
+# ---------------------------------------------------------------- colour and alpha masks
 
 def _shape() -> np.ndarray:
     fg = np.zeros((20, 20), bool)
@@ -116,7 +117,7 @@ def test_mask_of_a_big_jpeg_is_compared_with_the_stored_size():
     assert 0 < out.sum() < 16 * 16
 
 
-# ---------------------------------------------------------------- item 8: blank and folder URIs
+# ---------------------------------------------------------------- blank and folder URIs
 
 def test_decode_stage_records_a_folder_or_blank_uri_and_goes_on(tmp_path):
     data = make_image_folder(tmp_path / "ds", n_classes=1, per_class=2, masks=False)
@@ -136,7 +137,8 @@ def test_decode_stage_records_a_folder_or_blank_uri_and_goes_on(tmp_path):
         "through-a-file": ("decode", "image file not found")}
 
 
-def test_run_with_blank_and_folder_uris_records_them_and_finishes(tmp_path, local_ray):
+@pytest.mark.slow
+def test_run_with_blank_and_folder_uris_records_them_and_finishes(tmp_path, ray_local):
     from ray_consensus.runner import execute
 
     data = make_image_folder(tmp_path / "ds", n_classes=2, per_class=2)
@@ -152,7 +154,7 @@ def test_run_with_blank_and_folder_uris_records_them_and_finishes(tmp_path, loca
     spec["dataset"] = {"path": str(tmp_path / "manifest.csv"), "num_classes": 2}
     info = execute(parse_spec(spec), progress=False)
 
-    assert info["status"] == "complete"
+    assert info.status == "complete"
     errors = pq.read_table(str(tmp_path / "run" / "errors")).to_pandas()
     by_id = {r.image_id: (r.stage, r.reason) for r in errors.itertuples()}
     assert set(by_id) == {"blank", "folder"}, by_id
@@ -165,15 +167,7 @@ def test_run_with_blank_and_folder_uris_records_them_and_finishes(tmp_path, loca
     assert run["counts"]["errors"] == 2
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
-# ---------------------------------------------------------------- item 12: aspect ratio and memory
+# ---------------------------------------------------------------- aspect ratio and memory
 
 PEAK = textwrap.dedent("""
     import resource, sys

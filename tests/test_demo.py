@@ -10,14 +10,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from ray_consensus.demo.build import (
-    DatasetSpec,
-    MemberRecipe,
-    build_dataset,
-    default_cache_dir,
-    ensure_demo,
-    paste,
-)
+from ray_consensus.demo.committee import MemberRecipe
+from ray_consensus.demo.images import DatasetSpec, build_dataset, paste
+from ray_consensus.demo.spec import ensure_demo
+from ray_consensus.models.names import default_cache_dir
 
 TINY_SPEC = DatasetSpec(n_classes=3, per_class=8, image_size=32, train_per_class=24)
 TINY_COMMITTEE = (
@@ -72,6 +68,7 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
     assert all(first[name] != other[name] for name in first)
 
 
+@pytest.mark.slow
 def test_layout_has_one_folder_per_class_and_labels_in_sorted_order(demo):
     _, root, committee = demo
     description = json.loads((root / "dataset.json").read_text())
@@ -85,6 +82,7 @@ def test_layout_has_one_folder_per_class_and_labels_in_sorted_order(demo):
     assert all(member["num_classes"] == 3 for member in committee)
 
 
+@pytest.mark.slow
 def test_masks_are_binary_partial_and_match_their_images(demo):
     _, root, _ = demo
     for mask_path in sorted((root / "masks").rglob("*.png")):
@@ -117,6 +115,7 @@ def test_paste_mask_is_where_the_object_covers_at_least_half_a_pixel():
     np.testing.assert_allclose(image[0:2, 6:8, 0], 0.8 * alpha[1:3, 0:2])
 
 
+@pytest.mark.slow
 def test_weights_load_strictly_and_timm_resolves_the_trained_input_size(demo):
     _, _, committee = demo
     assert [m["id"] for m in committee] == ["resnet", "vit"]
@@ -128,6 +127,7 @@ def test_weights_load_strictly_and_timm_resolves_the_trained_input_size(demo):
         assert config["crop_pct"] == 1.0
 
 
+@pytest.mark.slow
 def test_trained_member_beats_chance_and_matches_its_sidecar(demo):
     _, root, committee = demo
     member = committee[0]
@@ -145,6 +145,7 @@ def test_trained_member_beats_chance_and_matches_its_sidecar(demo):
     assert sidecar["arch"] == "resnet10t" and sidecar["classes"] == classes
 
 
+@pytest.mark.slow
 def test_second_call_reuses_the_cache_without_rewriting_anything(demo):
     cache, root, committee = demo
     before = {p: p.stat().st_mtime_ns for p in cache.rglob("*")}

@@ -25,7 +25,7 @@ from ray_consensus.spec.config import parse_spec
 from ray_consensus.storage.lease import Lease
 from ray_consensus.storage.store import LocalStore
 
-ray = pytest.importorskip("ray")
+RUN = [sys.executable, "-m", "ray_consensus", "run", "--quiet"]
 
 
 def tables(root: Path) -> dict[str, pd.DataFrame]:
@@ -60,19 +60,31 @@ def workload(tmp_path_factory):
     return base, spec
 
 
-def test_driver_sigkill_then_resume_equals_uninterrupted(workload):
-    base, spec = workload
-    reference, crashed = base / "reference", base / "crashed"
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}  # a Ray of its own
-    for root in (reference, crashed):
-        (base / f"{root.name}.yaml").write_text(yaml.safe_dump(spec(root)))
-    cmd = [sys.executable, "-m", "ray_consensus", "run", "--quiet"]
-    subprocess.run(cmd + [str(base / "reference.yaml")], env=env, check=True, capture_output=True, timeout=600)
+def own_ray_env() -> dict[str, str]:
+    """The environment of a CLI process that starts a Ray of its own."""
+    return {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}
 
-    proc = subprocess.Popen(cmd + [str(base / "crashed.yaml")], env=env, start_new_session=True,
+
+@pytest.fixture(scope="module")
+def reference(workload) -> Path:
+    """The workload's run root, run uninterrupted by the CLI: what every interrupted run must end up equal to."""
+    base, spec = workload
+    root = base / "reference"
+    (base / "reference.yaml").write_text(yaml.safe_dump(spec(root)))
+    subprocess.run(RUN + [str(base / "reference.yaml")], env=own_ray_env(), check=True, capture_output=True,
+                   timeout=600)
+    return root
+
+
+@pytest.mark.slow
+def test_driver_sigkill_then_resume_equals_uninterrupted(workload, reference):
+    base, spec = workload
+    crashed = base / "crashed"
+    env = own_ray_env()
+    (base / "crashed.yaml").write_text(yaml.safe_dump(spec(crashed)))
+    proc = subprocess.Popen(RUN + [str(base / "crashed.yaml")], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while len(markers(crashed)) < 3 and time.time() < deadline and proc.poll() is None:
+    while len(markers(crashed)) < 3 and proc.poll() is None:
         time.sleep(0.2)
     import psutil
 
@@ -85,7 +97,7 @@ def test_driver_sigkill_then_resume_equals_uninterrupted(workload):
     done_before = len(markers(crashed))
     assert 3 <= done_before < 12, f"the kill should land halfway through the 12 attribution units ({done_before})"
 
-    subprocess.run(cmd + [str(base / "crashed.yaml")], env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(RUN + [str(base / "crashed.yaml")], env=env, check=True, capture_output=True, timeout=600)
     info = yaml.safe_load((crashed / "run.json").read_text())
     assert info["units_computed"]["attributions"] == 12 - done_before
     attrs = pq.read_table(str(crashed / "attributions")).to_pandas()
@@ -93,36 +105,29 @@ def test_driver_sigkill_then_resume_equals_uninterrupted(workload):
     assert_same_tables(reference, crashed)
 
 
-def test_killed_actor_is_replaced_and_results_are_unchanged(workload):
+@pytest.mark.slow
+def test_killed_actor_is_replaced_and_results_are_unchanged(workload, reference, ray_local):
     from ray_consensus.runner import execute
 
     base, spec = workload
-    reference = base / "reference"
-    if not (reference / "tables").exists():
-        pytest.skip("needs the reference run of the SIGKILL test")
     root = base / "actor-killed"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    try:
-        result = {}
-        runner = threading.Thread(target=lambda: result.update(execute(parse_spec(spec(root)), progress=False)))
-        runner.start()
-        import psutil
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(execute(parse_spec(spec(root)), progress=False).to_dict()))
+    runner.start()
+    import psutil
 
-        killed = None
-        deadline = time.time() + 300
-        while killed is None and time.time() < deadline and runner.is_alive():
-            # Ray names each actor's worker process after its class and method: "ray::Slot.explain".
-            actors = [p for p in psutil.process_iter(["pid", "cmdline"])
-                      if any("ray::Slot" in part for part in (p.info["cmdline"] or []))]
-            if actors and len(markers(root)) >= 1:
-                killed = actors[0].info["pid"]
-                os.kill(killed, signal.SIGKILL)
-            time.sleep(0.2)
-        runner.join(timeout=600)
-        assert killed is not None, "no attribution actor was seen alive"
-        assert result.get("status") == "complete"
-    finally:
-        ray.shutdown()
+    killed = None
+    while killed is None and runner.is_alive():
+        # Ray names each actor's worker process after its class and method: "ray::Slot.explain".
+        actors = [p for p in psutil.process_iter(["pid", "cmdline"])
+                  if any("ray::Slot" in part for part in (p.info["cmdline"] or []))]
+        if actors and len(markers(root)) >= 1:
+            killed = actors[0].info["pid"]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    runner.join(timeout=600)
+    assert killed is not None, "no attribution actor was seen alive"
+    assert result.get("status") == "complete"
     attrs = pq.read_table(str(root / "attributions")).to_pandas()
     assert len(attrs) == 48 and not attrs.duplicated(["image_id", "model"]).any()
     assert_same_tables(reference, root)

@@ -6,10 +6,12 @@ aggregates and tables/images rows, and its contract version is in its fingerprin
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from ray_consensus.dataset.manifest import read_manifest
 from ray_consensus.planning.plan import make_plan
 from ray_consensus.runner import execute
+from ray_consensus.runroot.record import UnitCounts
 from ray_consensus.storage.store import LocalStore
 
 
@@ -21,6 +23,7 @@ def test_a_0_1_0_run_root_needs_no_attribution_or_input_recomputed(legacy_root):
     assert not any(p.reduce.done for p in plan.shards.values())  # the reduce contract moved (see above)
 
 
+@pytest.mark.slow
 def test_a_0_1_0_run_root_resumes_and_gives_the_same_tables(legacy_root):
     """Only the reducer runs; the models table and the correlation coefficients and p-values are 0.1.0's
     (to 1e-9); the intervals are the new ones (README: "Uncertainty")."""
@@ -28,8 +31,8 @@ def test_a_0_1_0_run_root_resumes_and_gives_the_same_tables(legacy_root):
     models = pd.read_parquet(root / "tables" / "models.parquet")
     old = pd.read_parquet(root / "tables" / "correlations.parquet")
     info = execute(spec, progress=False)
-    assert info["status"] == "complete"
-    assert info["units_computed"] == {"attributions": 0, "reduce": 2}
+    assert info.status == "complete"
+    assert info.units_computed == UnitCounts(attributions=0, reduce=2)
     now = pd.read_parquet(root / "tables" / "models.parquet")
     assert (now.pop("n_nonfinite") == 0).all()  # 0.3.0's column: no member's map was NaN or inf
     pd.testing.assert_frame_equal(now, models, check_exact=False, rtol=1e-9, atol=1e-12)

@@ -289,7 +289,8 @@ def test_decode_stage_computes_the_explainers_superpixels_without_loading_torch_
 
     from imagesets import make_image_folder, tiny_spec
 
-    from ray_consensus.attribution.pipeline import ShardTask, StageContext, segmentation_of
+    from ray_consensus.attribution.decode_stage import segmentation_of
+    from ray_consensus.attribution.records import ShardTask, StageContext
     from ray_consensus.dataset.manifest import read_manifest
     from ray_consensus.runroot.contract import ImageRef
     from ray_consensus.runroot.units import Unit
@@ -307,7 +308,7 @@ def test_decode_stage_computes_the_explainers_superpixels_without_loading_torch_
     (tmp_path / "stage.pkl").write_bytes(pickle.dumps((ctx, ShardTask(0, images, done, {}))))
     code = """
 import pickle, sys
-from ray_consensus.attribution.pipeline import DecodeShard
+from ray_consensus.attribution.decode_stage import DecodeShard
 ctx, task = pickle.loads(open(sys.argv[1], "rb").read())  # as a Ray worker receives them
 out = DecodeShard(ctx).decode(task)
 loaded = [m for m in ("torch", "pandas") if m in sys.modules]

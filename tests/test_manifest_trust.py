@@ -1,9 +1,8 @@
-"""What the manifest can be trusted with (issue 15, items 2-5 and 9, and the manifest's share of 10):
-content rewritten under the same path is noticed (images by their listing's version, checkpoints by
-their content; local folders and the S3 server), class folders define the classes (empty ones too)
-and a run root refuses another class list, `file://` data sets list properly, image ids stay strings
-and labels must be integers, a file name that is not UTF-8 is a row of errors/, and a manifest that
-is no table fails with one line."""
+"""What the manifest can be trusted with: content rewritten under the same path is noticed (images by
+their listing's version, checkpoints by their content; local folders and the S3 server), class folders
+define the classes (empty ones too) and a run root refuses another class list, `file://` data sets list
+properly, image ids stay strings and labels must be integers, a file name that is not UTF-8 is a row of
+errors/, and a manifest that is no table fails with one line."""
 
 from __future__ import annotations
 
@@ -20,16 +19,16 @@ from PIL import Image
 from test_plan import mark_complete, to_compute
 from typer.testing import CliRunner
 
+import ray_consensus as rc
 from ray_consensus.cli import app
 from ray_consensus.dataset.manifest import read_manifest
 from ray_consensus.errors import SpecError
 from ray_consensus.planning.plan import make_plan
 from ray_consensus.planning.preflight import preflight
 from ray_consensus.runroot.contract import MANIFEST_ERRORS_FILE, write_manifest
+from ray_consensus.runroot.record import RunRecord, UnitCounts
 from ray_consensus.spec.config import DatasetSpec, parse_spec
 from ray_consensus.storage.store import LocalStore
-
-ray = pytest.importorskip("ray")
 
 
 def save_checkpoint(path, seed: int, classes: int = 3) -> None:
@@ -54,7 +53,7 @@ MEMBER_A = {("attr", "a", s) for s in range(3)} | EVERY_REDUCE
 SHARD0_UNITS = {("inputs", 0), ("attr", "a", 0), ("attr", "b", 0), ("reduce", 0)}
 
 
-# ---------------------------------------------------------------- item 2: content under the same path
+# ---------------------------------------------------------------- content under the same path
 
 def test_rewritten_images_and_checkpoint_recompute_exactly_their_units_locally(tmp_path):
     data = make_image_folder(tmp_path / "ds", n_classes=3, per_class=6)
@@ -151,15 +150,9 @@ def test_a_run_root_without_versions_is_adopted_once_then_notices_changes(legacy
     assert [p.shard for p in changed.shards.values() if not p.inputs.done] == [1]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
+@pytest.mark.slow
 def test_a_rerun_after_rewrites_recomputes_exactly_the_changed_units_and_their_results_change(tmp_path,
-                                                                                              local_ray):
+                                                                                              ray_local):
     from ray_consensus.runner import execute
 
     data = make_image_folder(tmp_path / "ds", n_classes=2, per_class=3)  # shards of 4: c0/* + c1/img000, the rest
@@ -169,14 +162,14 @@ def test_a_rerun_after_rewrites_recomputes_exactly_the_changed_units_and_their_r
                                                                       "b=mobilenetv3_small_050@random"),
                                 run={"shard_size": 4}))
     first = execute(spec, progress=False, report=False)
-    assert first["units_computed"] == {"attributions": 4, "reduce": 2}
+    assert first.units_computed == UnitCounts(attributions=4, reduce=2)
     before = pq.read_table(str(tmp_path / "run" / "attributions")).to_pandas().set_index(["model", "image_id"])
 
     save_checkpoint(ckpt, 2, classes=2)
     rotate_in_place([data / "images" / "c0" / f"img{i:03d}.png" for i in range(3)])
     second = execute(spec, progress=False, report=False)
     # member a everywhere (its weights), member b in shard 0 only (its images), every shard re-reduced
-    assert second["units_computed"] == {"attributions": 3, "reduce": 2}
+    assert second.units_computed == UnitCounts(attributions=3, reduce=2)
     after = pq.read_table(str(tmp_path / "run" / "attributions")).to_pandas().set_index(["model", "image_id"])
 
     def same(model: str, image_id: str) -> bool:
@@ -187,10 +180,10 @@ def test_a_rerun_after_rewrites_recomputes_exactly_the_changed_units_and_their_r
     assert not same("b", "c0/img000") and same("b", "c1/img000") and same("b", "c1/img002")
     stored = pd.read_parquet(tmp_path / "run" / "manifest.parquet").set_index("image_id")
     assert stored["version"].str.contains(r"\|mask:").all()  # each image's version includes its mask's
-    assert second["class_names"] == ["c0", "c1"]  # in run.json, for the next run's check
+    assert second.class_names == ["c0", "c1"]  # in run.json, for the next run's check
 
 
-# ---------------------------------------------------------------- item 3: the class folders
+# ---------------------------------------------------------------- the class folders
 
 def test_empty_class_folders_keep_their_index(tmp_path):
     data = make_image_folder(tmp_path / "ds", n_classes=3, per_class=2, masks=False)
@@ -207,7 +200,8 @@ def test_a_run_root_refuses_another_class_list_with_one_line(tmp_path):
     spec = parse_spec(tiny_spec(data, str(tmp_path / "run")))
     store = LocalStore(spec.run.output)
     # the run.json a finished run leaves: its class names (and the plan's class count)
-    store.write_json("run.json", {"status": "complete", "plan": {"classes": 3}, "class_names": ["c0", "c1", "c2"]})
+    RunRecord(status="complete", spec_data=spec.to_public_dict(), plan=rc.validate(spec),
+              class_names=["c0", "c1", "c2"]).save(store)
     for p in (data / "images" / "c1").iterdir():  # a class emptied: its folder still counts
         p.unlink()
     assert preflight(spec, check_weights=False, list_units=False).manifest.num_classes == 3
@@ -220,7 +214,7 @@ def test_a_run_root_refuses_another_class_list_with_one_line(tmp_path):
     assert result.exit_code == 2 and "gone c1" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-# ---------------------------------------------------------------- item 4: file:// data sets
+# ---------------------------------------------------------------- file:// data sets
 
 def test_file_uri_data_sets_list_like_their_paths(tmp_path):
     data = make_image_folder(tmp_path / "ds", n_classes=3, per_class=2)
@@ -237,7 +231,7 @@ def test_file_uri_data_sets_list_like_their_paths(tmp_path):
         read_manifest(DatasetSpec(path="gs://bucket/images"))
 
 
-# ---------------------------------------------------------------- item 5: ids stay strings, labels integers
+# ---------------------------------------------------------------- ids stay strings, labels integers
 
 def test_table_ids_stay_strings_and_labels_must_be_integers(tmp_path):
     data = make_image_folder(tmp_path / "ds", n_classes=2, per_class=4, masks=False)
@@ -264,7 +258,7 @@ def test_table_ids_stay_strings_and_labels_must_be_integers(tmp_path):
         read_manifest(DatasetSpec(path=str(data / "b.parquet")))
 
 
-# ---------------------------------------------------------------- item 9: names that are not UTF-8
+# ---------------------------------------------------------------- names that are not UTF-8
 
 def test_a_file_name_that_is_not_utf8_is_a_row_of_errors(tmp_path):
     data = make_image_folder(tmp_path / "ds", n_classes=2, per_class=2, masks=False)
@@ -284,7 +278,7 @@ def test_a_file_name_that_is_not_utf8_is_a_row_of_errors(tmp_path):
     assert "4 images (2 classes, 1 rejected)" in result.stdout
 
 
-# ---------------------------------------------------------------- item 10: manifests that are no table
+# ---------------------------------------------------------------- manifests that are no table
 
 @pytest.mark.parametrize("name,content,message", [
     ("empty.csv", b"", "is empty"),

@@ -9,17 +9,9 @@ import pytest
 from imagesets import make_image_folder, tiny_spec
 
 from ray_consensus.runner import execute
+from ray_consensus.runroot.record import UnitCounts
 from ray_consensus.runroot.status import run_status
 from ray_consensus.spec.config import parse_spec
-
-ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
 
 
 def read_dir(path) -> pd.DataFrame:
@@ -42,15 +34,16 @@ def recompute(root, model_ids):
     return out
 
 
-def test_end_to_end_resume_and_growth(tmp_path, local_ray):
+@pytest.mark.slow
+def test_end_to_end_resume_and_growth(tmp_path, ray_local):
     data = make_image_folder(tmp_path / "ds", n_classes=3, per_class=6)
     root = tmp_path / "run"
     spec = parse_spec(tiny_spec(data, str(root)))
 
     info = execute(spec, progress=False)
-    assert info["status"] == "complete"
-    assert info["counts"]["images"] == 18 and info["counts"]["shards"] == 3
-    assert info["units_computed"] == {"attributions": 6, "reduce": 3}
+    assert info.status == "complete"
+    assert info.counts.images == 18 and info.counts.shards == 3
+    assert info.units_computed == UnitCounts(attributions=6, reduce=3)
 
     # Contract layout and the stored consensus/scores follow from the stored attributions.
     attrs = read_dir(root / "attributions")
@@ -81,21 +74,21 @@ def test_end_to_end_resume_and_growth(tmp_path, local_ray):
 
     # Unchanged rerun: nothing recomputed.
     info = execute(spec, progress=False)
-    assert info["units_computed"] == {"attributions": 0, "reduce": 0}
-    assert info["units_skipped"]["attributions"] == 6
+    assert info.units_computed == UnitCounts(attributions=0, reduce=0)
+    assert info.units_skipped.attributions == 6
 
     # Switching method options re-runs only the reducer, from the stored attributions.
     switched = parse_spec(tiny_spec(data, str(root), method={"voted": "all_correct", "similarity": "spearman"}))
     info = execute(switched, progress=False)
-    assert info["units_computed"] == {"attributions": 0, "reduce": 3}
-    assert info["spec"]["method"]["voted"] == "all_correct"
+    assert info.units_computed == UnitCounts(attributions=0, reduce=3)
+    assert info.spec.method.voted == "all_correct"
     consensus = read_dir(root / "consensus").set_index("image_id")
     all_correct = attrs.groupby("image_id")["correct"].all()
     assert (consensus["voted"] == all_correct.loc[consensus.index]).all()
     scores = read_dir(root / "scores")
     assert np.allclose(scores["consensus_score"], scores["spearman"], equal_nan=True)
     info = execute(spec, progress=False)  # back to the defaults: the reducer again, nothing else
-    assert info["units_computed"] == {"attributions": 0, "reduce": 3}
+    assert info.units_computed == UnitCounts(attributions=0, reduce=3)
 
     # A third member and 2 new images per class: only the new model's units and the new shard's units.
     make_image_folder(data, n_classes=3, per_class=2, start=6)
@@ -103,17 +96,17 @@ def test_end_to_end_resume_and_growth(tmp_path, local_ray):
                                                           "c=resnet10t@random")))
     info = execute(grown, progress=False)
     # old shards 0-2 keep their ids; the 6 new images form shard 3 (size 8 -> one shard).
-    assert info["counts"]["shards"] == 4
-    assert info["units_computed"]["attributions"] == 3 + 3  # c on shards 0-2, then a, b, c on shard 3
-    assert info["units_computed"]["reduce"] == 4
+    assert info.counts.shards == 4
+    assert info.units_computed.attributions == 3 + 3  # c on shards 0-2, then a, b, c on shard 3
+    assert info.units_computed.reduce == 4
     manifest = pd.read_parquet(root / "manifest.parquet")
     assert sorted(manifest[manifest.image_id.str.endswith(("006", "007"))]["shard"].unique()) == [3]
     attrs = read_dir(root / "attributions")
     assert len(attrs) == 24 * 3 and not attrs.duplicated(["image_id", "model"]).any()
 
     st = run_status(str(root))
-    assert st["models"]["c"]["missing"] == [] and st["models"]["c"]["done"] == [0, 1, 2, 3]
-    assert st["reduced"]["missing"] == []
+    assert st.models["c"].missing == [] and st.models["c"].done == [0, 1, 2, 3]
+    assert st.reduced.missing == []
 
 
 def test_float16_maps_are_stored_scaled_and_read_back():
@@ -130,13 +123,14 @@ def test_float16_maps_are_stored_scaled_and_read_back():
     assert float(np.float16(1e-7)) != 1e-7 and abs(float(np.float16(1e-7)) - 1e-7) > 1e-9  # why the scale
 
 
-def test_lime_run_votes_on_the_superpixels_every_member_shares(tmp_path, local_ray):
+@pytest.mark.slow
+def test_lime_run_votes_on_the_superpixels_every_member_shares(tmp_path, ray_local):
     """LIME through the whole pipeline: the decode stage segments each image once with the spec's
     settings, every member's weights index exactly those superpixels, and the consensus is the mean
     of the members' L2-normalised |weights| painted back onto them."""
     from pathlib import Path
 
-    from ray_consensus.attribution.pipeline import on_grid
+    from ray_consensus.attribution.decode_stage import on_grid
     from ray_consensus.dataset.decode import decode_image
     from ray_consensus.dataset.superpixels import segment
     from ray_consensus.spec.explainer_params import LimeParams

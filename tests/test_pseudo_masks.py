@@ -68,7 +68,7 @@ def test_iou_counts_only_pixels_not_ignored():
 
 def test_export_masks_writes_one_mask_per_voted_image_at_its_size_and_a_reproducible_mean_iou(legacy_root,
                                                                                             tmp_path):
-    from ray_consensus.storage.store import read_uri_bytes
+    from ray_consensus.storage.datafiles import read_uri_bytes
 
     root, spec = legacy_root
     out = tmp_path / "masks"

@@ -1,7 +1,7 @@
-"""What a run root vouches for (issue 15 items 13, 15, 16): a unit whose files were damaged after its
-marker was written is found by `status` and recomputed by the next run; run.json and `status` say how a
-run ended (a report that could not be written, a driver that was killed); shards whose images all left
-the data set leave the run root, so the README's reading recipe returns each image once."""
+"""What a run root vouches for: a unit whose files were damaged after its marker was written is found by
+`status` and recomputed by the next run; run.json and `status` say how a run ended (a report that could
+not be written, a driver that was killed); shards whose images all left the data set leave the run root,
+so the README's reading recipe returns each image once."""
 
 from __future__ import annotations
 
@@ -24,12 +24,12 @@ from typer.testing import CliRunner
 
 from ray_consensus.cli import app
 from ray_consensus.runner import execute
+from ray_consensus.runroot.record import UnitCounts
 from ray_consensus.runroot.status import run_status
 from ray_consensus.runroot.units import MARKER, Unit, completed, completed_later, write_unit
 from ray_consensus.spec.config import parse_spec
 from ray_consensus.storage.store import LocalStore, S3Store
 
-ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[1]
 ATTR_A0 = "attributions/model=a/shard=00000"
 REDUCE_FILES = ["aggregates", "consensus", "scores", "subcommittees", "tables/images"]
@@ -100,13 +100,6 @@ def test_a_damaged_unit_is_found_from_an_s3_listing(s3_server, s3_bucket, monkey
 # ---------------------------------------------------------------- end to end, on one run root
 
 @pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def finished(ray_local, tmp_path_factory):
     """A finished run of 3 classes x 6 images (shards 0 and 1 of 8 images, shard 2 of 2) and its spec file."""
     base = tmp_path_factory.mktemp("trust")
@@ -114,12 +107,13 @@ def finished(ray_local, tmp_path_factory):
     spec_data = tiny_spec(data, str(base / "run"))
     (base / "spec.yaml").write_text(yaml.safe_dump(spec_data))
     spec = parse_spec(spec_data)
-    assert execute(spec, progress=False)["status"] == "complete"
+    assert execute(spec, progress=False).status == "complete"
     return base, spec
 
 
+@pytest.mark.slow
 def test_run_json_is_not_complete_when_the_report_cannot_be_written(finished, monkeypatch):
-    """Item 16: a full disk for the report only (the store's writes of report/ fail with ENOSPC)."""
+    """A full disk for the report only (the store's writes of report/ fail with ENOSPC)."""
     base, spec = finished
     real = LocalStore.write_bytes
 
@@ -136,9 +130,9 @@ def test_run_json_is_not_complete_when_the_report_cannot_be_written(finished, mo
     assert "Traceback" not in result.stderr
     info = yaml.safe_load((base / "run" / "run.json").read_text())
     assert info["status"] == "failed" and "No space left on device" in info["error"]
-    assert run_status(str(base / "run"))["status"] == "failed"
+    assert run_status(str(base / "run")).status == "failed"
     monkeypatch.undo()
-    assert execute(spec, progress=False)["status"] == "complete"
+    assert execute(spec, progress=False).status == "complete"
     assert "error" not in yaml.safe_load((base / "run" / "run.json").read_text())
 
 
@@ -157,8 +151,9 @@ runner.execute(parse_spec(yaml.safe_load(open(sys.argv[1]))), progress=False)
 """
 
 
+@pytest.mark.slow
 def test_status_says_interrupted_when_the_driver_was_killed(finished):
-    """Item 16: a driver killed (SIGKILL) mid-run leaves run.json `running`; `status` says `interrupted`
+    """A driver killed (SIGKILL) mid-run leaves run.json `running`; `status` says `interrupted`
     once the run's lease is gone (at once on the same host: its process is dead). The driver is a real
     `execute` held at its cluster step, so that it is killed at a known point."""
     base, _ = finished
@@ -171,18 +166,19 @@ def test_status_says_interrupted_when_the_driver_was_killed(finished):
         reader.start()
         reader.join(timeout=120)
         assert line == ["stalled\n"], "the driver did not reach its cluster step"
-        assert run_status(str(root))["status"] == "running"  # alive and holding its lease
+        assert run_status(str(root)).status == "running"  # alive and holding its lease
     finally:
         proc.kill()
         proc.wait()
     assert yaml.safe_load((root / "run.json").read_text())["status"] == "running"
-    assert run_status(str(root))["status"] == "interrupted"
+    assert run_status(str(root)).status == "interrupted"
     out = CliRunner().invoke(app, ["status", str(root)])
     assert out.exit_code == 0 and f"{root}: interrupted" in out.output
 
 
+@pytest.mark.slow
 def test_shards_whose_images_left_the_data_set_leave_the_run_root(finished):
-    """Item 13: shard 1's 8 images leave the data set, then come back (they fill a new shard, 3): the
+    """Shard 1's 8 images leave the data set, then come back (they fill a new shard, 3): the
     README's recipe (pq.read_table of attributions/, scores/, consensus/, tables/images) returns each
     image once, and no folder of shard 1 is left under any kind."""
     base, spec = finished
@@ -215,8 +211,9 @@ def test_shards_whose_images_left_the_data_set_leave_the_run_root(finished):
     assert sorted(attr.loc[attr["image_id"].isin(moved), "shard"].astype(int).unique()) == [3]
 
 
+@pytest.mark.slow
 def test_a_truncated_unit_is_reported_by_status_and_recomputed(finished):
-    """Item 15: a truncated attribution file and a truncated scores/ file under kept markers (last: on a
+    """A truncated attribution file and a truncated scores/ file under kept markers (last: on a
     run root that trusts them, every later step that reads them fails)."""
     base, spec = finished
     root = base / "run"
@@ -225,19 +222,20 @@ def test_a_truncated_unit_is_reported_by_status_and_recomputed(finished):
     _truncate(store, "scores/shard=00002/part-0.parquet")
 
     st = run_status(str(root))
-    assert set(st["damaged"]) == {ATTR_A0, "consensus/shard=00002"}
-    assert st["models"]["a"]["missing"] == [0] and st["reduced"]["missing"] == [2]
+    assert set(st.damaged) == {ATTR_A0, "consensus/shard=00002"}
+    assert st.models["a"].missing == [0] and st.reduced.missing == [2]
     shown = CliRunner().invoke(app, ["validate", str(base / "spec.yaml")])
     assert shown.exit_code == 0 and "damaged: 2 stored units" in shown.output, shown.output
 
     info = execute(spec, progress=False)
-    assert info["units_computed"] == {"attributions": 1, "reduce": 1}
+    assert info.units_computed == UnitCounts(attributions=1, reduce=1)
     assert pq.read_table(root / ATTR_A0 / "part-0.parquet").num_rows == 8
     assert pq.read_table(root / "scores" / "shard=00002" / "part-0.parquet").num_rows == 2 * 2
     st = run_status(str(root))
-    assert st["damaged"] == {} and st["status"] == "complete" and st["reduced"]["missing"] == []
+    assert st.damaged == {} and st.status == "complete" and st.reduced.missing == []
 
 
+@pytest.mark.slow
 def test_validate_and_run_name_members_whose_attributions_outlive_the_committee(finished):
     """A member dropped from the committee: its attribution units stay (they would be reused), and `validate`
     says so, and that reading attributions/ still returns its rows; --json lists the member."""

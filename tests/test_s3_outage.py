@@ -13,7 +13,7 @@ from imagesets import make_image_folder, tiny_spec
 
 from ray_consensus.spec.config import parse_spec
 
-ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow  # a run on S3 through an outage
 
 
 class Outage:
@@ -72,7 +72,7 @@ class Outage:
                     pass
 
 
-def test_run_survives_an_s3_outage(tmp_path, s3_server, s3_bucket, monkeypatch):
+def test_run_survives_an_s3_outage(tmp_path, s3_server, s3_bucket, monkeypatch, fresh_ray):
     from ray_consensus.runner import execute
 
     outage = Outage(s3_server.port)
@@ -89,31 +89,28 @@ def test_run_survives_an_s3_outage(tmp_path, s3_server, s3_bucket, monkeypatch):
         pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="run/attributions/")
         return sum(1 for p in pages for o in p.get("Contents", []) if "/_done-" in o["Key"])
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": {"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint}})
     try:
-        result, failure = {}, []
+        with fresh_ray(runtime_env={"env_vars": {"AWS_ENDPOINT_URL": endpoint, "AWS_ENDPOINT_URL_S3": endpoint}}):
+            result, failure = {}, []
 
-        def run():
-            try:
-                result.update(execute(spec, progress=False))
-            except BaseException as e:  # surfaced below
-                failure.append(e)
+            def run():
+                try:
+                    result.update(execute(spec, progress=False).to_dict())
+                except BaseException as e:  # surfaced below
+                    failure.append(e)
 
-        runner = threading.Thread(target=run)
-        runner.start()
-        deadline = time.time() + 300
-        while done_units() < 2 and runner.is_alive() and time.time() < deadline:
-            time.sleep(0.2)
-        assert runner.is_alive(), failure or "the run finished before the outage"
-        outage.down()
-        time.sleep(4)
-        outage.up()
-        runner.join(timeout=600)
-        assert not failure, failure
-        assert result["status"] == "complete"
+            runner = threading.Thread(target=run)
+            runner.start()
+            while done_units() < 2 and runner.is_alive():
+                time.sleep(0.2)
+            assert runner.is_alive(), failure or "the run finished before the outage"
+            outage.down()
+            time.sleep(4)
+            outage.up()
+            runner.join(timeout=600)
+            assert not failure, failure
+            assert result["status"] == "complete"
     finally:
-        ray.shutdown()
         outage.down()
     assert done_units() == 12
     info = json.loads(client.get_object(Bucket=bucket, Key="run/run.json")["Body"].read())

@@ -56,10 +56,10 @@ def dataset(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("ds"), n_classes=2, per_class=3)
 
 
-# (flags, the key the line must name, what it must say). The first four (and committee[].batch_size
-# below) are issue 15's; of them method.seed=-1 still passed `validate` and failed at the tables step
-# (numpy seeds are >= 0). The others ran with a value truncated (2.5 -> 2), a size the robustness table
-# skipped, NaN (it passes every bound), inf, or 10^20 (no int64 holds it).
+# (flags, the key the line must name, what it must say). Each once got past the checks: method.seed=-1
+# passed `validate` and failed at the tables step (numpy seeds are >= 0); others ran with a value
+# truncated (2.5 -> 2), a size the robustness table skipped, NaN (it passes every bound), inf, or 10^20
+# (no int64 holds it).
 BAD_VALUES = [
     (["--explainer", "integrated_gradients", "--set", "explainer.params.n_steps=0"],
      "explainer.params.n_steps", "an integer >= 1"),
@@ -91,7 +91,9 @@ def test_bad_values_are_one_line_from_validate_and_run_before_any_work(dataset, 
 
 
 def test_report_on_a_root_without_a_run_or_without_tables_is_one_line_as_status_is(dataset, tmp_path):
+    from ray_consensus.runroot.record import PlanSummary, RunRecord
     from ray_consensus.spec.config import parse_member, parse_spec
+    from ray_consensus.storage.store import LocalStore
 
     missing, empty, unfinished, garbled = (tmp_path / n for n in ("missing", "empty", "unfinished", "garbled"))
     empty.mkdir()
@@ -101,8 +103,9 @@ def test_report_on_a_root_without_a_run_or_without_tables_is_one_line_as_status_
     # What a run writes first (runner.execute) and leaves behind when it is stopped before its tables.
     spec = parse_spec({"dataset": {"path": str(dataset / "images")}, "committee": [parse_member("a=resnet10t@random")],
                        "run": {"output": str(unfinished)}})
-    (unfinished / "run.json").write_text(json.dumps({"status": "running", "updated": "2026-01-01T00:00:00+00:00",
-                                                     "spec": spec.to_public_dict(), "plan": {}}))
+    plan = PlanSummary(images=6, shards=1, models=1, classes=2, manifest_errors=0, attribution_units=1,
+                       attribution_units_to_compute=1, reduce_units_to_compute=1, forward_passes=6, backward_passes=0)
+    RunRecord(status="running", spec_data=spec.to_public_dict(), plan=plan).save(LocalStore(str(unfinished)))
     report_missing, report_empty, report_unfinished, report_garbled, status_missing, status_unfinished = cli_each(
         ["report", str(missing)], ["report", str(empty)], ["report", str(unfinished)], ["report", str(garbled)],
         ["status", str(missing)], ["status", str(unfinished)])

@@ -1,5 +1,5 @@
-"""Issue 15, items 14 and 17: errors/ reads as one data set (pandas, pyarrow, DuckDB), and every stored
-metric is that of the values as stored (a scikit-learn recomputation from the stored columns agrees)."""
+"""errors/ reads as one data set (pandas, pyarrow, DuckDB), and every stored metric is that of the values
+as stored (a scikit-learn recomputation from the stored columns agrees)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from ray_consensus.results import consensus as cm
-from ray_consensus.results.reduce import reduce_shard
+from ray_consensus.results.reduce import ReduceTask, reduce_shard
 from ray_consensus.runroot.contract import (
     ImageRef,
     attributions_file,
@@ -30,8 +30,6 @@ from ray_consensus.runroot.contract import (
 from ray_consensus.runroot.units import Unit
 from ray_consensus.spec.config import MethodSpec
 from ray_consensus.storage.store import LocalStore
-
-pytest.importorskip("ray")
 
 LEGACY = Path(__file__).parent / "legacy" / "run"
 STRINGS = {"image_id": pa.string(), "uri": pa.string(), "stage": pa.string(), "reason": pa.string()}
@@ -55,6 +53,7 @@ def assert_one_errors_data_set(root: Path, expected: set[tuple[str, str]], rows:
     assert {(i, s) for i, s, _ in found} == expected and len(found) == rows
 
 
+@pytest.mark.slow
 def test_errors_read_as_one_data_set_with_pandas_pyarrow_and_duckdb(broken_member_runs):
     """conftest's run root: a manifest row rejected, a PNG that does not decode, two members' NaN maps."""
     run_root = broken_member_runs["root"]
@@ -105,7 +104,7 @@ def test_stored_metrics_are_those_of_the_stored_values_on_a_near_tie(tmp_path):
         store.write_parquet(attributions_file(model_id, 0),
                             encode_attributions(images, np.zeros(1, np.int64), m.reshape(1, side, side), {},
                                                 "float32"))
-    reduce_shard(store, 0, Unit("consensus/shard=00000", "fp"), ["a", "b"], MethodSpec(), side, [])
+    reduce_shard(store, ReduceTask(0, Unit("consensus/shard=00000", "fp"), ["a", "b"], MethodSpec(), side, []))
     row = read_consensus(store, 0).iloc[0]
     stored = np.asarray(row["consensus"], np.float64)
     truth = np.asarray(row["mask"], np.uint8)

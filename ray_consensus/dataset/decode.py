@@ -17,7 +17,8 @@ from PIL import Image
 
 from ray_consensus.errors import DecodeError, first_line
 from ray_consensus.spec.config import StorageSpec
-from ray_consensus.storage.store import is_s3, read_uri_bytes, split_s3
+from ray_consensus.storage.datafiles import read_uri_bytes
+from ray_consensus.storage.paths import is_s3, split_s3
 
 MIN_SIDE = 8                 # smaller images carry no usable spatial explanation
 MAX_PIXELS = 64_000_000      # decompression-bomb guard (PIL raises above twice its own limit)

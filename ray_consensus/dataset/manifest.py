@@ -18,7 +18,7 @@ import pandas as pd
 
 from ray_consensus.errors import SpecError
 from ray_consensus.spec.config import DatasetSpec, StorageSpec
-from ray_consensus.storage.store import Listed, data_location, is_utf8, list_uri, list_versions, read_uri_bytes
+from ray_consensus.storage.datafiles import Listed, data_location, is_utf8, list_uri, list_versions, read_uri_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MANIFEST_COLUMNS = ["image_id", "uri", "label", "mask_uri", "version"]

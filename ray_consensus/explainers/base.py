@@ -61,11 +61,16 @@ def create_explainer(params: ExplainerParams) -> Explainer:
     return EXPLAINERS[params.name](params)
 
 
+def explained_scores(logits: Tensor, output: str) -> Tensor:
+    """(B, n_classes) logits -> float32 (B, n_classes), the score explained per class: the class
+    probability (softmax) for `output` "probability", else the raw logit."""
+    logits = logits.float()
+    return logits.softmax(dim=1) if output == "probability" else logits
+
+
 def class_score(model: nn.Module, x: Tensor, target: Tensor, output: str) -> Tensor:
-    """The scalar explained per image, (B,): the class probability (softmax) or the raw logit."""
-    logits = model(x).float()
-    scores = logits.softmax(dim=1) if output == "probability" else logits
-    return scores.gather(1, target[:, None])[:, 0]
+    """The scalar explained per image, (B,): the target class's `explained_scores`."""
+    return explained_scores(model(x), output).gather(1, target[:, None])[:, 0]
 
 
 def reduce_channels(attr: Tensor) -> Tensor:
@@ -81,5 +86,4 @@ class ScoreModel(nn.Module):
         self.model, self.output = model, output
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = self.model(x).float()
-        return logits.softmax(dim=1) if self.output == "probability" else logits
+        return explained_scores(self.model(x), self.output)

@@ -44,7 +44,7 @@ def _finished_outputs(model: nn.Module, modules: list[nn.Module]) -> list[tuple[
     try:
         with torch.no_grad():
             model(torch.zeros(1, 3, *size, device=ref.device, dtype=ref.dtype))
-    except Exception as e:
+    except Exception as e:  # a model's own code may raise anything on this input: one line naming it
         raise SpecError(f"gradcam: cannot run model {_arch(model)} on a {size[0]}x{size[1]} image to find its "
                         f"feature layer: {first_line(e)}") from None
     finally:

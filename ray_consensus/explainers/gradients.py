@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from ray_consensus.explainers.base import Explainer, ScoreModel, class_score, reduce_channels, register
+from ray_consensus.explainers.base import (
+    Explainer,
+    ScoreModel,
+    class_score,
+    explained_scores,
+    reduce_channels,
+    register,
+)
 from ray_consensus.spec.explainer_params import IntegratedGradientsParams, SaliencyParams, SmoothGradParams
 
 
@@ -74,6 +81,6 @@ class Saliency(Explainer):
     def explain(self, model, preprocess, images, target, segments=None, seeds=None):
         x = preprocess(images).detach().requires_grad_(True)
         logits = model(x).float()
-        scores = logits.softmax(dim=1) if self.params.output == "probability" else logits
+        scores = explained_scores(logits, self.params.output)
         (grad,) = torch.autograd.grad(scores.gather(1, target[:, None]).sum(), x)
         return {"map": reduce_channels(grad), "logits": logits.detach()}

@@ -20,7 +20,7 @@ from ray_consensus.models.names import check_arch
 from ray_consensus.models.pretrained import check_head, timm_kwargs
 from ray_consensus.runroot.units import fingerprint
 from ray_consensus.spec.config import MemberSpec, StorageSpec
-from ray_consensus.storage.store import read_uri_bytes
+from ray_consensus.storage.datafiles import read_uri_bytes
 
 
 def load_state_dict_bytes(data: bytes, source: str) -> dict[str, Tensor]:
@@ -30,15 +30,16 @@ def load_state_dict_bytes(data: bytes, source: str) -> dict[str, Tensor]:
     which refuses pickles that build arbitrary objects.
     """
     if source.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load as load_safetensors
 
         try:
             return load_safetensors(data)
-        except Exception as e:
+        except (SafetensorError, KeyError, RuntimeError) as e:  # a bad header; a dtype or shape torch refuses
             raise SpecError(f"checkpoint {source}: not a valid safetensors file ({e})") from None
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # whatever the bytes provoke (UnpicklingError for code, RuntimeError, EOFError...): one line
         raise SpecError(f"checkpoint {source}: refused to load (only plain tensor state dicts are accepted; "
                         f"pickled code is never executed): {first_line(e)}") from None
     for key in ("state_dict", "model", "model_state_dict"):
@@ -62,7 +63,7 @@ def create_member_model(member: MemberSpec, num_classes: int, storage: StorageSp
     if member.weights == "pretrained":
         try:
             model = timm.create_model(member.arch, pretrained=True, **kwargs)
-        except Exception as e:
+        except Exception as e:  # the hub's, the network's or the checkpoint's errors, of several libraries: one line
             raise SpecError(f"model {member.id}: cannot load pretrained weights for '{member.arch}': "
                             f"{first_line(e)}") from None
         check_head(member, model.num_classes, num_classes)

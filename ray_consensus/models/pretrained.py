@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import NamedTuple
 
+from ray_consensus import compat
 from ray_consensus.errors import SpecError, first_line
 from ray_consensus.models.names import timm_cache_file, write_cache_file
 from ray_consensus.spec.config import MemberSpec
@@ -88,25 +89,24 @@ def _source_key(member: MemberSpec) -> str:
 
 def _timm_source(member: MemberSpec) -> Source:
     from timm.models import resolve_pretrained_cfg, split_model_name_tag
-    from timm.models._builder import _resolve_pretrained_source  # timm's own choice among the sources
-    from timm.models._hub import HF_WEIGHTS_NAME, _get_safe_alternatives
 
     kwargs = timm_kwargs(member.kwargs)
     name, tag = split_model_name_tag(member.arch)
     try:
         cfg = resolve_pretrained_cfg(name, kwargs.get("pretrained_cfg") or tag or None,
                                      kwargs.get("pretrained_cfg_overlay"))
-    except Exception as e:  # an unknown tag, a malformed pretrained_cfg
+    except Exception as e:  # timm raises what it meets (RuntimeError for an unknown tag, others for a bad cfg)
         raise SpecError(f"model {member.id}: no pretrained weights for '{member.arch}': {first_line(e)}") from None
-    kind, location = _resolve_pretrained_source(cfg.to_dict())
+    kind, location = compat.timm_weights_source(cfg.to_dict())  # timm's own choice among the sources
     if not kind:
         raise SpecError(f"model {member.id}: timm has no pretrained weights for '{member.arch}' "
                         f"(use weights: random or a checkpoint)")
     files: tuple[str, ...] = ()
     if kind == "hf-hub":
-        location, filename = location if isinstance(location, tuple) else (location, HF_WEIGHTS_NAME)
-        direct = filename.endswith(".safetensors") or cfg.custom_load == "hf"  # timm downloads just that file
-        files = (filename,) if direct else (*_get_safe_alternatives(filename), filename)
+        location, filename = location if isinstance(location, tuple) else (location, None)
+        files = compat.timm_hub_files(filename)
+        if files[-1].endswith(".safetensors") or cfg.custom_load == "hf":  # timm downloads just that file
+            files = files[-1:]
     return Source(kind, "" if kind == "state_dict" else str(location), files,
                   kwargs.get("num_classes", cfg.num_classes))
 
@@ -192,7 +192,7 @@ def _hub_problem(source: Source, offline: bool) -> str | None:
             return None
         except EntryNotFoundError:
             continue  # timm tries the next file
-        except Exception as e:
+        except Exception as e:  # HTTP, network, TLS or offline errors, of requests or httpx by version: one line
             return (f"{repo} is not in the local Hugging Face cache {cache} and the hub did not give it: "
                     f"{first_line(e)}")
     return f"the hub's {repo} has no {files}"
@@ -212,12 +212,13 @@ def _torch_hub_file(url: str) -> str:
 
 
 def _url_problem(url: str) -> str | None:
+    import http.client
     import urllib.request
 
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=HUB_TIMEOUT_S):
             return None
-    except Exception as e:
+    except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts; a bad URL
         return f"{url} is not in torch hub's cache {torch_hub_dir()} and did not answer: {first_line(e)}"
 
 

@@ -2,13 +2,16 @@
 
 `cluster_capacity` reads the live nodes and, where the cluster has an autoscaler (`ray up`,
 KubeRay), the node types it may add, which the autoscaler publishes in the cluster's own
-state; `resources.max_gpus` / `max_cpus` in the spec override the totals.
+state (`compat.autoscaler_node_types`); `resources.max_gpus` / `max_cpus` in the spec override
+the totals.
 """
 
 from __future__ import annotations
 
 import logging
 
+from ray_consensus import compat
+from ray_consensus.console import RayLogs
 from ray_consensus.planning.schedule import Capacity
 from ray_consensus.spec.config import RunSpec
 
@@ -21,36 +24,7 @@ def init_ray() -> None:
         # Ray's own loggers at ERROR: its warnings (token auth, progress bars off) are not for our users;
         # its errors, and what the workers print, still reach the console.
         ray.init(logging_level=logging.ERROR, log_to_driver=True, configure_logging=True)
-        _route_forwarded_logs()
-
-
-def _route_forwarded_logs() -> None:
-    """Put `console.RayLogs` in front of Ray's printer of forwarded logs, so that its raylet's errors read
-    as our lines and workers' output does not break the progress bar. Ray's dispatcher is private: a Ray
-    without it keeps its own printer."""
-    from ray_consensus.console import RayLogs
-
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-
-        with dispatcher._lock:
-            dispatcher.handlers = [(name, RayLogs(handler) if name == "ray_print_logs" else handler)
-                                   for name, handler in dispatcher.handlers]
-    except (ImportError, AttributeError):
-        pass
-
-
-def _autoscaler_node_types() -> list[tuple[dict, int]]:
-    """(resources, max count) of each node type the autoscaler may start; [] without an autoscaler."""
-    try:
-        from ray._private.state import state
-
-        config = state.get_cluster_config()
-    except Exception:  # an older Ray, or no GCS access: only the live nodes count
-        return []
-    if config is None:
-        return []
-    return [(dict(group.resources), int(group.max_count)) for group in config.node_group_configs]
+        compat.route_forwarded_logs(RayLogs)  # its raylet's errors as our lines; workers' output above the bar
 
 
 def cluster_capacity(spec: RunSpec) -> Capacity:
@@ -58,7 +32,7 @@ def cluster_capacity(spec: RunSpec) -> Capacity:
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     now = ray.cluster_resources()
-    types = _autoscaler_node_types()
+    types = compat.autoscaler_node_types()
     grown = {key: sum(res.get(key, 0) * (count if count >= 0 else 10**6) for res, count in types)
              for key in ("CPU", "GPU")}
     cpus, gpus = max(now.get("CPU", 0.0), grown["CPU"]), max(now.get("GPU", 0.0), grown["GPU"])

@@ -41,17 +41,22 @@ import pandas as pd
 
 from ray_consensus.dataset.manifest import Manifest, assign_shards
 from ray_consensus.runroot.contract import ImageRef, read_stored_manifest
+from ray_consensus.runroot.record import PlanSummary
 from ray_consensus.runroot.units import (
+    ATTRIBUTIONS,
     MARKER,
     Listing,
     Unit,
-    attributions_dir,
+    UnitPath,
     completed_later,
     listed_models,
-    shard_dir,
+    listed_shards,
+    listing_prefix,
+    shard_digits,
 )
 from ray_consensus.spec.config import RunSpec
-from ray_consensus.storage.store import Store, content_version
+from ray_consensus.storage.datafiles import content_version
+from ray_consensus.storage.store import Store
 
 # The manifest columns each image contributes to its shard's inputs fingerprint; run roots written
 # before versions were kept fingerprinted the first four.
@@ -95,12 +100,6 @@ class Plan:
             store.write_bytes(f"{folder}/{MARKER}{new}", b"")
             store.delete(f"{folder}/{MARKER}{old}")
 
-    def others_note(self) -> str:
-        """A line on the members in `others`, for `validate` and `run`."""
-        return (f"attributions of {', '.join(self.others)} (not in the committee) stay in the run root: reading "
-                f"attributions/ returns their rows, and a member that comes back computes nothing again; delete "
-                f"attributions/model=<id>/ to drop one")
-
     @property
     def shard_ids(self) -> list[int]:
         return list(self.shards)
@@ -122,23 +121,23 @@ class Plan:
     def to_reduce(self) -> list[ShardPlan]:
         return [p for p in self.shards.values() if not p.reduce.done]
 
-    def summary(self, spec: RunSpec, manifest: Manifest) -> dict:
+    def summary(self, spec: RunSpec, manifest: Manifest) -> PlanSummary:
         """Counts for run.json and `validate`: images, shards, units to compute, passes."""
         fwd, bwd = spec.explainer.params.passes_per_image()
         todo = [(p.shard, len(p.models_to_compute)) for p in self.shards.values()]
         todo_images = sum(self.n_images(s) * k for s, k in todo)
-        return {
-            "images": int(len(self.manifest)), "shards": len(self.shards), "models": len(spec.committee),
-            "classes": manifest.num_classes, "manifest_errors": int(len(manifest.errors)),
-            "attribution_units": len(self.shards) * len(spec.committee),
-            "attribution_units_to_compute": sum(k for _, k in todo),
-            "reduce_units_to_compute": len(self.to_reduce()),
-            "damaged_units": sum(not u.intact for p in self.shards.values()
-                                 for u in (p.inputs, p.reduce, *p.attributions.values())),
-            "shards_to_remove": len(self.gone),
-            "members_not_in_committee": self.others,
-            "forward_passes": todo_images * (fwd + 1), "backward_passes": todo_images * bwd,
-        }
+        return PlanSummary(
+            images=int(len(self.manifest)), shards=len(self.shards), models=len(spec.committee),
+            classes=manifest.num_classes, manifest_errors=int(len(manifest.errors)),
+            attribution_units=len(self.shards) * len(spec.committee),
+            attribution_units_to_compute=sum(k for _, k in todo),
+            reduce_units_to_compute=len(self.to_reduce()),
+            damaged_units=sum(not u.intact for p in self.shards.values()
+                              for u in (p.inputs, p.reduce, *p.attributions.values())),
+            shards_to_remove=len(self.gone),
+            members_not_in_committee=self.others,
+            forward_passes=todo_images * (fwd + 1), backward_passes=todo_images * bwd,
+        )
 
 
 def robustness_sizes(spec: RunSpec) -> list[int]:
@@ -328,12 +327,12 @@ def make_plan(spec: RunSpec, store: Store, manifest: Manifest, force: bool = Fal
     done = listing()
     damaged = done.damaged
     shards = {}
-    prefixes = [(m.id, attributions_dir(m.id, 0)[:-5]) for m in spec.committee]
+    prefixes = [(m.id, listing_prefix(ATTRIBUTIONS, m.id)) for m in spec.committee]
     for s, (ifp, attr, rfp) in fingerprints.items():
-        suffix = f"{s:05d}"  # attributions_dir(model_id, s), without formatting it 300,000 times
+        suffix = shard_digits(s)  # a member's folder is its prefix + this: no UnitPath built 300,000 times
         units = {model_id: Unit(prefix + suffix, fp, done.get(prefix + suffix), prefix + suffix not in damaged)
                  for (model_id, prefix), fp in zip(prefixes, attr)}
-        inputs_dir, reduce_dir = shard_dir("inputs", s), shard_dir("consensus", s)
+        inputs_dir, reduce_dir = UnitPath("inputs", s).folder, UnitPath("consensus", s).folder
         shards[s] = ShardPlan(s, Unit(inputs_dir, ifp, done.get(inputs_dir), inputs_dir not in damaged), units,
                               Unit(reduce_dir, rfp, done.get(reduce_dir), reduce_dir not in damaged))
     adopted = _adopt(shards, unversioned) if unversioned is not None else []
@@ -351,7 +350,7 @@ def _gone(previous: pd.DataFrame | None, done: Listing, rows: dict) -> list[int]
     """Shards the run root holds (in its manifest, or with a unit's marker) that are not in the plan: every
     image of theirs left the data set (new images fill new shards after the last one in the plan)."""
     held = set() if previous is None else {int(s) for s in np.unique(previous["shard"].to_numpy())}
-    held |= {int(k) for k in {folder.rpartition("=")[2] for folder in done} if k.isdigit()}
+    held |= listed_shards(done)
     return sorted(held - set(rows))
 
 

@@ -60,12 +60,12 @@ def preflight(spec: RunSpec, check_weights: bool = True, list_units: bool = True
 def check_classes(store: Store, manifest: Manifest) -> None:
     """Refuse a data set whose classes differ from those the run root's results were computed with (its
     run.json): a class folder added, removed or emptied elsewhere would shift every later label."""
-    from ray_consensus.runroot.contract import RUN_FILE
+    from ray_consensus.runroot.record import RUN_FILE, RunRecord
 
     if not store.exists(RUN_FILE):
         return
-    info = store.read_json(RUN_FILE)
-    names, count = info.get("class_names"), (info.get("plan") or {}).get("classes")
+    run = RunRecord.load(store)
+    names, count = run.class_names, run.plan.classes
     if names and names != manifest.class_names:
         added = [c for c in manifest.class_names if c not in names]
         removed = [c for c in names if c not in manifest.class_names]

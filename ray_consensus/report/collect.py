@@ -1,6 +1,6 @@
 """The report of a stored run: reads what it shows and renders it with `report.py`.
 
-It reads the run through the data contract (`contract.read_run` parses run.json's spec) and
+It reads the run through the data contract (`record.RunRecord` parses run.json's spec) and
 only what the page shows: the tables (of tables/images a few columns, to find the most disputed
 images), and the shards of the images it shows (their consensus, scores and each member's
 attributions), never every shard.
@@ -11,38 +11,40 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ray_consensus.errors import SpecError
+from ray_consensus import console
+from ray_consensus.errors import SpecError, first_line
 from ray_consensus.report.render import GalleryItem, render_report
 from ray_consensus.results import consensus as cm
 from ray_consensus.runroot.contract import (
-    IMAGES_TABLE,
-    StoredRun,
     read_consensus,
     read_maps,
-    read_run,
     read_scores,
     read_stored_manifest,
 )
-from ray_consensus.storage.store import Store, read_uri_bytes
+from ray_consensus.runroot.record import RunRecord
+from ray_consensus.runroot.units import IMAGES
+from ray_consensus.storage.datafiles import read_uri_bytes
+from ray_consensus.storage.store import Store
 
 
 def write_report(store: Store) -> str:
     """Render report/index.html from the run root's tables, a gallery of sample images and the most
     disputed images; returns its URI."""
-    run = read_run(store)
+    run = RunRecord.load(store)
     if not store.exists("tables/models.parquet"):
-        raise SpecError(f"no tables at {store.root} (run.json says {run.info.get('status')!r}): a report needs a "
+        raise SpecError(f"no tables at {store.root} (run.json says {run.status!r}): a report needs a "
                         f"finished run; `ray-consensus status {store.root}` shows what is missing")
     tables = {name: store.read_parquet(f"tables/{name}.parquet").to_pandas() if store.exists(
         f"tables/{name}.parquet") else None for name in ("models", "correlations", "robustness")}
-    summary = {**run.info, "explainer": run.info["spec"]["explainer"], "created": run.info.get("updated")}
+    summary = {"explainer": run.spec_data["explainer"], "counts": run.counts and run.counts.to_dict(),
+               "created": run.updated}
     html = render_report(tables["models"], tables["correlations"], tables["robustness"], gallery_items(store, run),
                          summary, disputed_items(store, run))
     store.write_text("report/index.html", html)
     return store.uri("report/index.html")
 
 
-def gallery_items(store: Store, run: StoredRun, max_shards: int = 8) -> list[GalleryItem]:
+def gallery_items(store: Store, run: RunRecord, max_shards: int = 8) -> list[GalleryItem]:
     """A few voted images with image, mask, consensus and every model's map: from the first
     shards (at most `max_shards` read), one image per class before any class repeats."""
     want = run.spec.run.gallery
@@ -64,13 +66,13 @@ def gallery_items(store: Store, run: StoredRun, max_shards: int = 8) -> list[Gal
     return sorted(items, key=lambda i: (i.label, i.image_id))
 
 
-def disputed_items(store: Store, run: StoredRun) -> list[GalleryItem] | None:
+def disputed_items(store: Store, run: RunRecord) -> list[GalleryItem] | None:
     """The `run.gallery` images with the lowest mean consensus score over the committee (tables/images
     is read by a few columns; only their shards' maps are read). None for runs without tables/images."""
-    if not store.list(IMAGES_TABLE):
+    if not store.list(IMAGES):
         return None
-    table = store.read_parquet(IMAGES_TABLE, columns=["image_id", "shard", "label", "members", "members_correct",
-                                                      "majority_pred", "majority_votes", "mean_consensus_score"])
+    table = store.read_parquet(IMAGES, columns=["image_id", "shard", "label", "members", "members_correct",
+                                                "majority_pred", "majority_votes", "mean_consensus_score"])
     rows = table.to_pandas().sort_values(["mean_consensus_score", "image_id"], na_position="last")
     chosen = rows.head(run.spec.run.gallery)
     notes = [f"mean consensus score {r.mean_consensus_score:.3f}, {r.members_correct}/{r.members} members correct, "
@@ -78,7 +80,7 @@ def disputed_items(store: Store, run: StoredRun) -> list[GalleryItem] | None:
     return _items(store, run, chosen.assign(shard=chosen["shard"].astype(int), note=notes))
 
 
-def _items(store: Store, run: StoredRun, chosen: pd.DataFrame) -> list[GalleryItem]:
+def _items(store: Store, run: RunRecord, chosen: pd.DataFrame) -> list[GalleryItem]:
     """Gallery items of the chosen images (columns image_id, shard, note), in the order given; each
     shard's consensus, scores and member maps read once."""
     from ray_consensus.dataset.decode import decode_image
@@ -94,7 +96,8 @@ def _items(store: Store, run: StoredRun, chosen: pd.DataFrame) -> list[GalleryIt
         for row in rows.itertuples():
             try:
                 image = decode_image(read_uri_bytes(uris.loc[row.image_id], spec.storage), spec.run.image_size)
-            except Exception:  # the image vanished since the run: show the others
+            except Exception as e:  # gone, unreadable or undecodable since the run (any store's errors): the others
+                console.say(f"report: image {row.image_id} left out of the gallery: {first_line(e)}")
                 continue
             c = cons.loc[row.image_id]
             mask = c["mask"] if "mask" in cons.columns else None

@@ -31,8 +31,11 @@ from PIL import Image
 
 from ray_consensus.dataset.decode import crop_geometry, image_size_of, mask_foreground
 from ray_consensus.errors import SpecError
-from ray_consensus.runroot.contract import read_consensus, read_run, read_stored_manifest
-from ray_consensus.storage.store import Store, open_store, read_uri_bytes
+from ray_consensus.results import consensus as cm
+from ray_consensus.runroot.contract import read_consensus, read_stored_manifest
+from ray_consensus.runroot.record import RunRecord
+from ray_consensus.storage.datafiles import read_uri_bytes
+from ray_consensus.storage.store import Store, open_store
 
 IGNORE = 255
 RULES = ("top", "threshold", "otsu")
@@ -64,10 +67,8 @@ def binary_mask(consensus: np.ndarray, rule: MaskRule) -> np.ndarray:
     if not np.any(flat > 0):
         return np.zeros(c.shape, bool)
     if rule.rule == "top":
-        k = max(1, math.ceil(round(rule.fraction * flat.size, 9)))
-        out = np.zeros(flat.size, bool)
-        out[np.argsort(-flat, kind="stable")[:k]] = True
-        return out.reshape(c.shape)
+        # topk_iou's cut (consensus.py): one rounding rule and one tie rule for both
+        return cm._top_k_mask(flat, cm._top_k_count(flat.size, rule.fraction)).reshape(c.shape)
     if rule.rule == "threshold":
         return c >= rule.threshold * flat.max()
     from skimage.filters import threshold_otsu
@@ -123,7 +124,7 @@ def export_masks(run_root: str, out: str, rule: MaskRule = MaskRule(), progress=
     per mask: image_id, uri, mask_file, width, height, foreground, iou) and OUT/summary.json; returns
     the summary (rule, counts, mean IoU where the data set has masks)."""
     store = open_store(run_root)
-    run = read_run(store)
+    run = RunRecord.load(store)
     spec = run.spec
     target: Store = open_store(out, spec.storage)
     target.check_writable()

@@ -1,7 +1,8 @@
 """The reducer for one shard: load its stored units, vote, score, align, aggregate, write its reduce unit.
 
-    load_shard (contract decoders) ─► vote_shard, alignment_metrics (consensus.py math)
-        ─► shard_aggregates, image_rows ─► write (encoders)
+    ReduceTask ─► load_shard (contract decoders) ─► ShardMaps ─► vote_shard, alignment_metrics
+        (consensus.py math) ─► ShardVote ─► shard_aggregates, image_rows ─► ShardAggregates, ImageRows
+        ─► write (the contract's encoders) ─► ReduceResult
 
 Reads only stored units (the shard's inputs and each member's attributions), so switching a
 method option re-runs this step alone. A member's map of an image that is not finite (stored all NaN
@@ -10,14 +11,14 @@ the shard's errors; each image is voted on by its members with a finite map. Eve
 computed from the values as stored (the consensus rounded to its stored float32). Besides the
 per-image consensus and scores, it writes the shard's aggregates: per member and block of images,
 the sums and counts the run-level tables are computed from (so the tables never read a row per
-image), and the shard's rows of tables/images. The math is in `consensus.py`, the columns in `contract.py`.
+image), and the shard's rows of tables/images. The math is in `consensus.py`, the records in
+`shard_records.py`, the columns in `contract.py`.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
@@ -33,35 +34,15 @@ from ray_consensus.runroot.contract import (
     encode_subcommittees,
     errors_table,
     file_of,
-    images_file,
     member_errors_file,
     read_attributions,
     read_inputs,
 )
-from ray_consensus.runroot.units import Unit
+from ray_consensus.runroot.shard_records import ImageRows, ShardAggregates, ShardMaps, ShardVote
+from ray_consensus.runroot.units import IMAGES, Unit
 from ray_consensus.spec.config import MethodSpec
 from ray_consensus.storage.store import Store
 
-
-@dataclass
-class ShardMaps:
-    """Everything the vote needs for one shard, aligned on the same images."""
-
-    image_ids: list[str]
-    labels: np.ndarray        # (N,) int64
-    preds: np.ndarray         # (K, N) int64, -1: the member's logits were not finite
-    correct: np.ndarray       # (K, N) bool
-    maps: np.ndarray          # (K, N, P) float64 attribution maps as stored (P = M*M); NaN rows: not finite
-    weights: np.ndarray | None  # (K, N, J) superpixel weights (LIME), 0 beyond an image's superpixels, else None
-    superpixels: np.ndarray | None  # (N, P) int superpixel ids on the map grid
-    masks: np.ndarray | None  # (N, P) uint8, rows of images without a mask are all 0
-    has_mask: np.ndarray      # (N,) bool
-    map_size: int
-
-    @cached_property
-    def finite(self) -> np.ndarray:
-        """(K, N) bool: the member's map of the image is finite (it takes part in the image's vote)."""
-        return np.isfinite(self.maps).all(axis=-1)
 
 def load_shard(store: Store, shard: int, model_ids: list[str], map_size: int, with_masks: bool = False) -> ShardMaps:
     """`with_masks`: the data set has masks, so the shard gets mask columns even when none of its masks
@@ -135,14 +116,6 @@ def normalised_vectors(s: ShardMaps, method: MethodSpec) -> np.ndarray:
         vectors = np.where(finite[..., None], vectors, 0.0)
     return cm.normalise(vectors, method.normalise)
 
-@dataclass
-class ShardVote:
-    consensus_map: np.ndarray       # (N, P) consensus on the map grid, as stored (NaN: no finite member map)
-    normalised_maps: np.ndarray     # (K, N, P), 0 where the member's map is not finite
-    scores: dict[str, np.ndarray]   # similarity measure -> (K, N), NaN where the member is not in the vote
-    voted: np.ndarray               # (N,) bool
-    finite: np.ndarray              # (K, N) bool: the member's map is in the image's vote
-
 def vote_shard(s: ShardMaps, method: MethodSpec, measures: tuple[str, ...] = cm.SIMILARITIES) -> ShardVote:
     """The consensus of one shard. LIME votes on superpixel weights, then paints the result."""
     finite = s.finite
@@ -200,8 +173,8 @@ def _block_sums(values: np.ndarray, counted: np.ndarray, blocks: np.ndarray, n_b
 
 def shard_aggregates(model_ids: list[str], correct: np.ndarray, voted: np.ndarray, score: np.ndarray,
                      align_m: dict[str, np.ndarray] | None, align_c: dict[str, np.ndarray] | None,
-                     finite: np.ndarray | None = None, predicted: np.ndarray | None = None) -> dict:
-    """The shard's aggregates as columns: one row per (member, block), then per block a `consensus` row.
+                     finite: np.ndarray | None = None, predicted: np.ndarray | None = None) -> ShardAggregates:
+    """The shard's aggregates: one row per (member, block), then per block a `consensus` row.
 
     correct (K, N) bool; voted (N,) bool; score (K, N) the consensus score (NaN: undefined);
     align_m metric -> (K, N) and align_c metric -> (N,) alignment (NaN: no mask or undefined);
@@ -216,31 +189,32 @@ def shard_aggregates(model_ids: list[str], correct: np.ndarray, voted: np.ndarra
     predicted = np.ones((k, n), bool) if predicted is None else predicted
     n_blocks = min(BLOCKS_PER_SHARD, n)
     blocks = np.arange(n) % max(n_blocks, 1)
-    ones = np.ones((k + 1, n), bool)
-    cols = {"model_id": np.repeat(np.array(model_ids + [CONSENSUS_ID], dtype=object), n_blocks),
-            "block": np.tile(np.arange(n_blocks, dtype=np.int64), k + 1)}
+    none = np.zeros((1, n), bool)
 
-    def put(name: str, values: np.ndarray, counted: np.ndarray, with_count: bool) -> None:
+    def count(counted: np.ndarray) -> np.ndarray:
+        return _block_sums(np.zeros((k + 1, n)), counted, blocks, n_blocks)[1].ravel().astype(np.int64)
+
+    def sum_and_count(values: np.ndarray, counted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         sums, counts = _block_sums(values, counted, blocks, n_blocks)
-        cols[f"{name}_sum" if with_count else name] = sums.ravel() if with_count else counts.ravel().astype(np.int64)
-        if with_count:
-            cols[f"{name}_n"] = counts.ravel().astype(np.int64)
+        return sums.ravel(), counts.ravel().astype(np.int64)
 
-    put("n_images", np.zeros((k + 1, n)), ones, False)
-    put("n_predicted", np.zeros((k + 1, n)), np.vstack([predicted, np.zeros((1, n), bool)]), False)
-    put("n_correct", np.zeros((k + 1, n)), np.vstack([correct, np.zeros((1, n), bool)]), False)
-    put("n_nonfinite", np.zeros((k + 1, n)), np.vstack([~finite, ~finite.any(axis=0)[None]]), False)
-    put("n_voted", np.zeros((k + 1, n)), np.vstack([finite, np.ones((1, n), bool)]) & voted, False)
-    put("score", np.vstack([score, np.full((1, n), np.nan)]),
-        np.vstack([np.isfinite(score), np.zeros((1, n), bool)]) & voted, True)
+    score_sum, score_n = sum_and_count(np.vstack([score, np.full((1, n), np.nan)]),
+                                       np.vstack([np.isfinite(score), none]) & voted)
+    metrics = {}
     for metric in (align_m or {}):
         values = np.vstack([align_m[metric], align_c[metric][None]])
-        put(metric, values, np.isfinite(values) & voted, True)
-    return cols
+        metrics[metric] = sum_and_count(values, np.isfinite(values) & voted)
+    return ShardAggregates(
+        model_id=np.repeat(np.array(model_ids + [CONSENSUS_ID], dtype=object), n_blocks),
+        block=np.tile(np.arange(n_blocks, dtype=np.int64), k + 1),
+        n_images=count(np.ones((k + 1, n), bool)), n_predicted=count(np.vstack([predicted, none])),
+        n_correct=count(np.vstack([correct, none])), n_nonfinite=count(np.vstack([~finite, ~finite.any(axis=0)[None]])),
+        n_voted=count(np.vstack([finite, np.ones((1, n), bool)]) & voted),
+        score_sum=score_sum, score_n=score_n, metrics=metrics)
 
 
 def image_rows(image_ids: list[str], labels: np.ndarray, preds: np.ndarray, correct: np.ndarray, voted: np.ndarray,
-               score: np.ndarray, align_c: dict[str, np.ndarray] | None, finite: np.ndarray | None = None) -> dict:
+               score: np.ndarray, align_c: dict[str, np.ndarray] | None, finite: np.ndarray | None = None) -> ImageRows:
     """The shard's rows of tables/images: per image how far the committee agrees with itself.
 
     preds, correct, score, finite: (K, N); the image's committee is its members with a finite map
@@ -262,14 +236,10 @@ def image_rows(image_ids: list[str], labels: np.ndarray, preds: np.ndarray, corr
         defined = np.isfinite(score)
         mean = np.where(defined.any(axis=0), np.nansum(score, axis=0) / np.maximum(defined.sum(axis=0), 1), np.nan)
         low = np.where(defined.any(axis=0), np.where(defined, score, np.inf).min(axis=0), np.nan)
-    cols = {"image_id": np.array(image_ids, dtype=object), "label": labels, "voted": voted,
-            "members": finite.sum(axis=0).astype(np.int64),
-            "members_correct": (correct & finite).sum(axis=0).astype(np.int64),
-            "majority_pred": majority.astype(np.int64), "majority_votes": votes.astype(np.int64),
-            "mean_consensus_score": mean, "min_consensus_score": low}
-    for metric, values in (align_c or {}).items():
-        cols[f"consensus_{metric}"] = values
-    return cols
+    return ImageRows(list(image_ids), labels, voted, members=finite.sum(axis=0).astype(np.int64),
+                     members_correct=(correct & finite).sum(axis=0).astype(np.int64),
+                     majority_pred=majority.astype(np.int64), majority_votes=votes.astype(np.int64),
+                     mean_consensus_score=mean, min_consensus_score=low, alignment=dict(align_c or {}))
 
 
 def nonfinite_errors(s: ShardMaps, model_ids: list[str], uris: dict[str, str]) -> list[dict]:
@@ -282,15 +252,37 @@ def nonfinite_errors(s: ShardMaps, model_ids: list[str], uris: dict[str, str]) -
     return rows
 
 
-def reduce_shard(store: Store, shard: int, unit: Unit, model_ids: list[str], method: MethodSpec, map_size: int,
-                 subsets: list[tuple[int, int, np.ndarray]], images: list[ImageRef] | None = None) -> dict:
+@dataclass
+class ReduceTask:
+    """One shard's reduction, as the runner hands it to a Ray task (pickled whole)."""
+
+    shard: int
+    unit: Unit                             # the reduce unit to write (its fingerprint, the marker it had)
+    model_ids: list[str]                   # the committee, in order
+    method: MethodSpec
+    map_size: int
+    subsets: list[tuple[int, int, np.ndarray]]  # the robustness sub-committees (k, trial, member indices)
+    images: list[ImageRef] | None = None   # the shard's manifest rows: the URIs in errors/, and mask columns
+                                           # even where none of its masks decoded (None: URIs left empty,
+                                           # mask columns as decoded)
+
+
+@dataclass
+class ReduceResult:
+    """What a shard's reduction reports back to the runner."""
+
+    shard: int
+    n_images: int
+    n_voted: int
+    seconds: float  # reading, math and writing
+
+
+def reduce_shard(store: Store, task: ReduceTask) -> ReduceResult:
     """Reduce one shard and write its reduce unit (consensus/, scores/, subcommittees/, aggregates/,
-    tables/images/, and in errors/ its members' non-finite maps). `images`: the shard's manifest rows, for
-    the URIs in errors/ and the mask columns of a shard none of whose masks decoded (None: URIs left
-    empty, mask columns as decoded). Returns counts and the seconds it took (reading, math, writing)."""
+    tables/images/, and in errors/ its members' non-finite maps)."""
     t0 = time.perf_counter()
-    images = images or []
-    s = load_shard(store, shard, model_ids, map_size, with_masks=any(i.mask_uri is not None for i in images))
+    shard, model_ids, method, images = task.shard, task.model_ids, task.method, task.images or []
+    s = load_shard(store, shard, model_ids, task.map_size, with_masks=any(i.mask_uri is not None for i in images))
     v = vote_shard(s, method)
     align_c = align_m = None
     if s.masks is not None:
@@ -300,17 +292,14 @@ def reduce_shard(store: Store, shard: int, unit: Unit, model_ids: list[str], met
                    for m, values in alignment_metrics(v.normalised_maps, s.masks, s.has_mask).items()}
     score = v.scores[method.similarity]
     uris = {i.image_id: i.uri for i in images}
-    unit.write(store, {
-        file_of("consensus", shard): encode_consensus(s.image_ids, s.labels, v.finite.sum(axis=0), s.map_size,
-                                                      v.voted, v.consensus_map, s.masks, s.has_mask, align_c),
-        file_of("scores", shard): encode_scores(s.image_ids, model_ids, s.labels, s.preds, s.correct, v.voted,
-                                                method.similarity, v.scores, align_m),
-        file_of("subcommittees", shard): encode_subcommittees(subcommittee_sums(s, method, model_ids, subsets)),
+    task.unit.write(store, {
+        file_of("consensus", shard): encode_consensus(s, v, align_c),
+        file_of("scores", shard): encode_scores(s, v, model_ids, method.similarity, align_m),
+        file_of("subcommittees", shard): encode_subcommittees(subcommittee_sums(s, method, model_ids, task.subsets)),
         file_of("aggregates", shard): encode_aggregates(shard_aggregates(model_ids, s.correct, v.voted, score,
                                                                          align_m, align_c, v.finite, s.preds >= 0)),
-        images_file(shard): encode_images(image_rows(s.image_ids, s.labels, s.preds, s.correct, v.voted, score,
-                                                     align_c, v.finite)),
+        file_of(IMAGES, shard): encode_images(image_rows(s.image_ids, s.labels, s.preds, s.correct, v.voted, score,
+                                                         align_c, v.finite)),
         member_errors_file(shard): errors_table(nonfinite_errors(s, model_ids, uris)),
     })
-    return {"shard": shard, "n_images": len(s.image_ids), "n_voted": int(v.voted.sum()),
-            "seconds": time.perf_counter() - t0}
+    return ReduceResult(shard, len(s.image_ids), int(v.voted.sum()), time.perf_counter() - t0)

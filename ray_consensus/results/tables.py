@@ -6,7 +6,7 @@
 
 Every input is a per-shard aggregate (sums and counts per member and block of images), summed as
 it is read, so the work and memory here grow with shards and members, never with images, and a
-rerun re-reads only small files. The statistics are `consensus.py`'s.
+rerun re-reads only small files. The statistics are `consensus.py`'s and `correlation.py`'s.
 """
 
 from __future__ import annotations
@@ -18,15 +18,22 @@ import pandas as pd
 import pyarrow as pa
 
 from ray_consensus.results import consensus as cm
-from ray_consensus.runroot.contract import CONSENSUS_ID, file_of
+from ray_consensus.results import correlation as cr
+from ray_consensus.runroot.contract import (
+    CONSENSUS_ID,
+    SUBCOMMITTEE_SCHEMA,
+    aggregates_schema,
+    file_of,
+    sum_columns,
+)
 from ray_consensus.spec.config import RunSpec
 from ray_consensus.storage.store import Store
 
 CORRELATION_COLUMNS = ["x", "y", "method", "coefficient", "p_value", "p_permutation", "ci_over", "ci_low", "ci_high",
                        "n"]
 # (sum, count) columns of the aggregates behind each per-member statistic
-STATS = {"score": ("score_sum", "score_n"), "accuracy": ("n_correct", "n_predicted"),
-         **{m: (f"{m}_sum", f"{m}_n") for m in cm.ALIGNMENTS}}
+STATS = {"score": sum_columns("score"), "accuracy": ("n_correct", "n_predicted"),
+         **{m: sum_columns(m) for m in cm.ALIGNMENTS}}
 
 
 @dataclass
@@ -49,7 +56,7 @@ def read_run_aggregates(store: Store, shards: list[int], model_ids: list[str]) -
     metrics: list[str] = []
     for t in store.read_parquets(file_of("aggregates", s) for s in shards):
         if totals is None:
-            metrics = [m for m in cm.ALIGNMENTS if f"{m}_sum" in t.column_names]
+            metrics = [m for m in cm.ALIGNMENTS if sum_columns(m)[0] in t.column_names]
             value_columns = [c for c in t.column_names if c not in ("model_id", "block")]
             totals = np.zeros((len(order), len(value_columns)))
             parts = {stat: ([], []) for stat in ["score", "accuracy"] + metrics}
@@ -64,7 +71,7 @@ def read_run_aggregates(store: Store, shards: list[int], model_ids: list[str]) -
                 matrix[block[member], codes[member]] = t.column(column).to_numpy()[member]
                 out.append(matrix)
     if totals is None:
-        value_columns = ["n_images", "n_predicted", "n_correct", "n_nonfinite", "n_voted", "score_sum", "score_n"]
+        value_columns = [c for c in aggregates_schema().names if c not in ("model_id", "block")]
         totals, parts = np.zeros((len(order), len(value_columns))), {}
     blocks = {stat: (np.concatenate(sums), np.concatenate(counts)) for stat, (sums, counts) in parts.items()}
     return RunAggregates(pd.DataFrame(totals, index=order, columns=value_columns), blocks, metrics)
@@ -85,7 +92,7 @@ def subcommittee_totals(store: Store, shards: list[int]) -> pd.DataFrame:
             aligned = t.set_index(["k", "trial", "model_id"])[["score_sum", "n_voted"]]
             sums += aligned.reindex(pd.MultiIndex.from_frame(keys), fill_value=0).to_numpy(np.float64)
     if keys is None:
-        return pd.DataFrame(columns=["k", "trial", "model_id", "score_sum", "n_voted"])
+        return pd.DataFrame(columns=SUBCOMMITTEE_SCHEMA.names)
     return keys.assign(score_sum=sums[:, 0], n_voted=sums[:, 1])
 
 
@@ -107,6 +114,12 @@ def _ratio(sums, counts) -> np.ndarray:
     return np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
 
 
+def _mean(totals: pd.DataFrame | pd.Series, stat: str) -> np.ndarray:
+    """A statistic of `STATS` from summed aggregates: its sum over its count (NaN: nothing counted)."""
+    total, count = STATS[stat]
+    return _ratio(totals[total], totals[count])
+
+
 def models_table(spec: RunSpec, agg: RunAggregates) -> pd.DataFrame:
     """One row per member (and, with masks, a `consensus` row for the alignment of the vote itself):
     accuracy over the images with finite logits, n_nonfinite the images whose map was left out of the
@@ -116,19 +129,18 @@ def models_table(spec: RunSpec, agg: RunAggregates) -> pd.DataFrame:
     members = agg.totals.loc[ids]
     table = pd.DataFrame({
         "model_id": ids, "arch": [m.arch for m in spec.committee],
-        "accuracy": _ratio(members["n_correct"], members["n_predicted"]),
+        "accuracy": _mean(members, "accuracy"),
         "n_images": members["n_images"].astype(np.int64).to_numpy(),
         "n_voted": members["n_voted"].astype(np.int64).to_numpy(),
         "n_nonfinite": members["n_nonfinite"].astype(np.int64).to_numpy(),
-        "consensus_score": _ratio(members["score_sum"], members["score_n"]),
-        **{m: _ratio(members[f"{m}_sum"], members[f"{m}_n"]) for m in agg.metrics}})
+        "consensus_score": _mean(members, "score"), **{m: _mean(members, m) for m in agg.metrics}})
     if agg.metrics:
         c = agg.totals.loc[CONSENSUS_ID]
         taking_part = int((members["n_nonfinite"] < members["n_images"]).sum())  # not all its maps non-finite
         row = {"model_id": CONSENSUS_ID, "arch": f"vote of {taking_part} models", "accuracy": np.nan,
                "n_images": int(c["n_images"]), "n_voted": int(c["n_voted"]), "n_nonfinite": int(c["n_nonfinite"]),
                "consensus_score": np.nan,
-               **{m: float(_ratio(c[f"{m}_sum"], c[f"{m}_n"])) for m in agg.metrics}}
+               **{m: float(_mean(c, m)) for m in agg.metrics}}
         table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
     return table
 
@@ -136,7 +148,7 @@ def models_table(spec: RunSpec, agg: RunAggregates) -> pd.DataFrame:
 def correlations_table(spec: RunSpec, agg: RunAggregates, models: pd.DataFrame) -> pd.DataFrame:
     """Across the committee: consensus score (and mask alignment) against accuracy, and consensus score
     against alignment; per method the coefficient, scipy's and a permutation p-value, and two intervals
-    (`consensus.correlation_rows`): over images (blocks of images of every shard resampled,
+    (`correlation.correlation_rows`): over images (blocks of images of every shard resampled,
     `method.bootstrap` replicates) and over members (the committee resampled)."""
     ids = [m.id for m in spec.committee]
     method = spec.method
@@ -144,17 +156,17 @@ def correlations_table(spec: RunSpec, agg: RunAggregates, models: pd.DataFrame) 
     stats = ["score", "accuracy"] + (["ap"] if "ap" in agg.metrics else [])
     k = len(ids)
     if agg.blocks:
-        reps = cm.block_bootstrap_means(np.hstack([agg.blocks[s][0] for s in stats]),
+        reps = cr.block_bootstrap_means(np.hstack([agg.blocks[s][0] for s in stats]),
                                         np.hstack([agg.blocks[s][1] for s in stats]), method.bootstrap, method.seed)
     else:
         reps = np.zeros((0, len(stats) * k))
     rep = {stat: reps[:, i * k:(i + 1) * k] for i, stat in enumerate(stats)}
     column = {"score": "consensus_score", "accuracy": "accuracy", "ap": "ap"}
-    value = {stat: means[column[stat]].to_numpy(float) for stat in stats}
+    statistic = {s: cr.MemberStatistic(column[s], means[column[s]].to_numpy(float), rep[s]) for s in stats}
     pairs = [("score", "accuracy")] + ([("ap", "accuracy"), ("score", "ap")] if "ap" in stats else [])
     rows = []
     for x, y in pairs:
-        rows += cm.correlation_rows(value[x], value[y], rep[x], rep[y], column[x], column[y], n_boot=method.bootstrap,
+        rows += cr.correlation_rows(statistic[x], statistic[y], n_boot=method.bootstrap,
                                     n_perm=method.permutations, seed=method.seed)
     return pd.DataFrame(rows, columns=CORRELATION_COLUMNS)
 
@@ -173,7 +185,7 @@ def robustness_table(spec: RunSpec, sums: pd.DataFrame, models: pd.DataFrame) ->
             score = group["score_sum"].to_numpy(float) / group["n_voted"].to_numpy(float)
         acc = accuracy.loc[group["model_id"]].to_numpy()
         for method in ("spearman", "pearson"):
-            coef, p = cm.correlation(score, acc, method)
+            coef, p = cr.correlation(score, acc, method)
             rows.append({"k": int(k), "trial": int(trial), "method": method, "coefficient": coef,
                          "p_value": p, "n": int(len(group))})
     return pd.DataFrame(rows, columns=columns)

@@ -2,7 +2,10 @@
 
 Each table of the run root (README, "What a run writes") has its encoder here and, where the
 package reads it back, its decoder, so a column is named, typed and scaled in exactly one
-module. Paths come from `units`. Arrays are numpy; nothing here imports torch or Ray.
+module. A shard's reducer hands its tables over as typed records (`shard_records`); aggregates/ and
+tables/images/ have a schema each (`aggregates_schema`, `images_schema`), errors/ and
+subcommittees/ theirs. Paths come from `units.UnitPath`. Arrays are numpy; nothing here imports
+torch or Ray.
 
     manifest.parquet                 image_id, uri, label, mask_uri, version, shard
     errors/shard=N/<file>            image_id, uri, stage, reason (strings): part-0 the shard's decode | mask
@@ -26,20 +29,19 @@ module. Paths come from `units`. Arrays are numpy; nothing here imports torch or
     tables/images/shard=N            image_id, label, voted, members, members_correct, majority_pred,
                                      majority_votes, mean_consensus_score, min_consensus_score
                                      [, consensus_<metric> per alignment metric]
-    run.json                         the resolved spec (secrets masked), plan, counts, timings
+    run.json                         the resolved spec (secrets masked), plan, counts, timings (`record`)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from ray_consensus.errors import SpecError
-from ray_consensus.runroot.units import DATA_FILE, MEMBER_ERRORS_FILE, attributions_dir, shard_dir
-from ray_consensus.spec.config import RunSpec, parse_spec
+from ray_consensus.runroot.shard_records import ImageRows, ShardAggregates, ShardMaps, ShardVote
+from ray_consensus.runroot.units import ATTRIBUTIONS, DATA_FILE, MEMBER_ERRORS_FILE, UnitPath
 from ray_consensus.storage.store import Store
 
 if TYPE_CHECKING:  # the frames come from pyarrow's to_pandas: the slots and decode workers never load pandas
@@ -47,7 +49,6 @@ if TYPE_CHECKING:  # the frames come from pyarrow's to_pandas: the slots and dec
 
 MANIFEST_FILE = "manifest.parquet"
 CONSENSUS_ID = "consensus"  # the vote's own row in the aggregates and the models table
-RUN_FILE = "run.json"
 
 
 class ImageRef(NamedTuple):
@@ -60,20 +61,14 @@ class ImageRef(NamedTuple):
 
 
 def file_of(kind: str, shard: int) -> str:
-    """The data file of a per-shard table: inputs | errors | consensus | scores | subcommittees | aggregates."""
-    return f"{shard_dir(kind, shard)}/{DATA_FILE}"
+    """The data file of a per-shard table: a kind of `units.SHARD_KINDS` (inputs | errors | consensus |
+    scores | subcommittees | aggregates | tables/images)."""
+    return UnitPath(kind, shard).file()
 
 
 def attributions_file(model_id: str, shard: int) -> str:
-    return f"{attributions_dir(model_id, shard)}/{DATA_FILE}"
+    return UnitPath(ATTRIBUTIONS, shard, model_id).file()
 
-
-def images_file(shard: int) -> str:
-    """A shard's rows of tables/images (a Hive-partitioned table: one file per shard, written by its reducer)."""
-    return f"tables/{shard_dir('images', shard)}/{DATA_FILE}"
-
-
-IMAGES_TABLE = "tables/images"
 
 # errors/ is one Hive-partitioned data set (key `shard`): the rows rejected while listing have no shard
 # and are stored under shard -1; a shard's members' non-finite logits or maps sit beside its decode rejects.
@@ -84,7 +79,7 @@ LEGACY_MANIFEST_ERRORS_FILE = f"errors/manifest/{DATA_FILE}"  # before 0.3.0: a 
 
 def member_errors_file(shard: int) -> str:
     """The shard's (member, image) pairs whose logits or map were not finite (written by its reducer)."""
-    return f"{shard_dir('errors', shard)}/{MEMBER_ERRORS_FILE}"
+    return UnitPath("errors", shard).file(MEMBER_ERRORS_FILE)
 
 
 # ---------------------------------------------------------------- columns
@@ -276,23 +271,22 @@ def as_stored(consensus: np.ndarray) -> np.ndarray:
     return np.asarray(consensus).astype(CONSENSUS_DTYPE).astype(np.float64)
 
 
-def encode_consensus(image_ids: list[str], labels: np.ndarray, n_models: np.ndarray, map_size: int,
-                     voted: np.ndarray, consensus: np.ndarray, masks: np.ndarray | None, has_mask: np.ndarray,
-                     alignment: dict[str, np.ndarray] | None) -> pa.Table:
-    """consensus: (N, P) the vote of the normalised maps (NaN: no member had a finite map), n_models: (N,)
-    the members it is the vote of; alignment: metric -> (N,) of the vote."""
-    n = len(image_ids)
+def encode_consensus(s: ShardMaps, v: ShardVote, alignment: dict[str, np.ndarray] | None) -> pa.Table:
+    """n_models: the members with a finite map the consensus is the vote of; alignment: metric -> (N,) of
+    the vote (stored with the masks)."""
+    n = len(s.image_ids)
     cols = {
-        "image_id": pa.array(image_ids, pa.string()),
-        "label": pa.array(labels, pa.int64()),
-        "n_models": pa.array(np.asarray(n_models, np.int64)),
-        "height": pa.array(np.full(n, map_size, np.int64)),
-        "width": pa.array(np.full(n, map_size, np.int64)),
-        "voted": pa.array(voted, pa.bool_()),
-        "consensus": list_column(consensus.astype(CONSENSUS_DTYPE)) if n else pa.array([], pa.list_(pa.float32())),
+        "image_id": pa.array(s.image_ids, pa.string()),
+        "label": pa.array(s.labels, pa.int64()),
+        "n_models": pa.array(v.finite.sum(axis=0).astype(np.int64)),
+        "height": pa.array(np.full(n, s.map_size, np.int64)),
+        "width": pa.array(np.full(n, s.map_size, np.int64)),
+        "voted": pa.array(v.voted, pa.bool_()),
+        "consensus": list_column(v.consensus_map.astype(CONSENSUS_DTYPE)) if n
+        else pa.array([], pa.list_(pa.float32())),
     }
-    if masks is not None:
-        cols["mask"] = pa.array([m if h else None for m, h in zip(masks, has_mask)], pa.list_(pa.uint8()))
+    if s.masks is not None:
+        cols["mask"] = pa.array([m if h else None for m, h in zip(s.masks, s.has_mask)], pa.list_(pa.uint8()))
         for metric, values in (alignment or {}).items():
             cols[metric] = pa.array(values)
     return pa.table(cols)
@@ -302,24 +296,23 @@ def read_consensus(store: Store, shard: int, columns: list[str] | None = None) -
     return store.read_parquet(file_of("consensus", shard), columns=columns).to_pandas()
 
 
-def encode_scores(image_ids: list[str], model_ids: list[str], labels: np.ndarray, preds: np.ndarray,
-                  correct: np.ndarray, voted: np.ndarray, measure: str, similarities: dict[str, np.ndarray],
+def encode_scores(s: ShardMaps, v: ShardVote, model_ids: list[str], measure: str,
                   alignment: dict[str, np.ndarray] | None) -> pa.Table:
-    """One row per (member, image), members outer: preds (-1: not finite, stored null), correct,
-    similarities[...] and alignment[...] are (K, N) (NaN: the member's map is not in the vote);
-    `measure` names the similarity stored as `consensus_score`."""
-    k, n = len(model_ids), len(image_ids)
-    preds = np.asarray(preds, np.int64).ravel()
+    """One row per (member, image), members outer: pred (-1: not finite, stored null), correct, a column
+    per similarity of `v.scores` and per metric of `alignment` (metric -> (K, N)) (NaN: the member's map
+    is not in the vote); `measure` names the similarity stored as `consensus_score`."""
+    k, n = len(model_ids), len(s.image_ids)
+    preds = np.asarray(s.preds, np.int64).ravel()
     cols = {
-        "image_id": pa.array(np.tile(np.array(image_ids, dtype=object), k), pa.string()),
+        "image_id": pa.array(np.tile(np.array(s.image_ids, dtype=object), k), pa.string()),
         "model_id": pa.array(np.repeat(np.array(model_ids, dtype=object), n), pa.string()),
-        "label": pa.array(np.tile(labels, k), pa.int64()),
+        "label": pa.array(np.tile(s.labels, k), pa.int64()),
         "pred": pa.array(preds, mask=preds < 0),
-        "correct": pa.array(correct.ravel(), pa.bool_()),
-        "voted": pa.array(np.tile(voted, k), pa.bool_()),
-        "consensus_score": pa.array(similarities[measure].ravel(), pa.float64()),
+        "correct": pa.array(s.correct.ravel(), pa.bool_()),
+        "voted": pa.array(np.tile(v.voted, k), pa.bool_()),
+        "consensus_score": pa.array(v.scores[measure].ravel(), pa.float64()),
     }
-    for name, values in {**similarities, **(alignment or {})}.items():
+    for name, values in {**v.scores, **(alignment or {})}.items():
         cols[name] = pa.array(values.ravel(), pa.float64())
     return pa.table(cols)
 
@@ -337,42 +330,39 @@ def encode_subcommittees(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=SUBCOMMITTEE_SCHEMA)
 
 
-def _typed_table(columns: dict[str, np.ndarray]) -> pa.Table:
-    """numpy columns -> a table; object columns are strings (so a shard without images is typed too)."""
-    return pa.table({k: pa.array(v, pa.string() if v.dtype == object else None) for k, v in columns.items()})
+def sum_columns(statistic: str) -> tuple[str, str]:
+    """The (sum, count) columns of a statistic summed in aggregates/ (the score, an alignment metric)."""
+    return f"{statistic}_sum", f"{statistic}_n"
 
 
-def encode_aggregates(columns: dict[str, np.ndarray]) -> pa.Table:
-    """A shard's aggregates: one row per (model_id, block) with the sums and counts behind the run-level
-    tables (`reduce.shard_aggregates` builds the columns; the `consensus` rows are the vote's own)."""
-    return _typed_table(columns)
+def aggregates_schema(metrics: Sequence[str] = ()) -> pa.Schema:
+    """aggregates/shard=N's columns; per alignment metric (a run with masks) its `sum_columns`."""
+    sums = ["score", *metrics]
+    return pa.schema([("model_id", pa.string()), ("block", pa.int64())] + [
+        (name, pa.int64()) for name in ("n_images", "n_predicted", "n_correct", "n_nonfinite", "n_voted")] + [
+        (name, kind) for stat in sums for name, kind in zip(sum_columns(stat), (pa.float64(), pa.int64()))])
 
 
-def encode_images(columns: dict[str, np.ndarray]) -> pa.Table:
-    """A shard's rows of tables/images (`reduce.image_rows` builds the columns)."""
-    return _typed_table(columns)
+def images_schema(metrics: Sequence[str] = ()) -> pa.Schema:
+    """tables/images/shard=N's columns; per alignment metric (a run with masks) consensus_<metric>."""
+    return pa.schema([("image_id", pa.string()), ("label", pa.int64()), ("voted", pa.bool_())] + [
+        (name, pa.int64()) for name in ("members", "members_correct", "majority_pred", "majority_votes")] + [
+        (name, pa.float64()) for name in ("mean_consensus_score", "min_consensus_score")] + [
+        (f"consensus_{m}", pa.float64()) for m in metrics])
 
 
-# ---------------------------------------------------------------- run.json
-
-@dataclass
-class StoredRun:
-    """A run root's run.json, its spec parsed (secrets masked in storage come back as unset)."""
-
-    spec: RunSpec
-    info: dict
+def encode_aggregates(a: ShardAggregates) -> pa.Table:
+    schema = aggregates_schema(list(a.metrics))
+    fixed = schema.names[:len(schema) - 2 * len(a.metrics)]
+    return _table(schema, [getattr(a, name) for name in fixed] + [c for pair in a.metrics.values() for c in pair])
 
 
-def read_run(store: Store) -> StoredRun:
-    """Raises SpecError (one line) when the root holds no run or its run.json cannot be read."""
-    try:
-        info = store.read_json(RUN_FILE)
-    except FileNotFoundError:
-        raise SpecError(f"no run at {store.root} (run.json not found)") from None
-    except ValueError as e:  # not JSON (json.JSONDecodeError, UnicodeDecodeError)
-        raise SpecError(f"{store.uri(RUN_FILE)} is not a run's run.json: {e}") from None
-    if not isinstance(info, dict) or not isinstance(info.get("spec"), dict):
-        raise SpecError(f"{store.uri(RUN_FILE)} is not a run's run.json: it holds no spec")
-    data = dict(info["spec"])
-    data["storage"] = {k: v for k, v in (data.get("storage") or {}).items() if v != "***"}
-    return StoredRun(parse_spec(data), info)
+def encode_images(rows: ImageRows) -> pa.Table:
+    schema = images_schema(list(rows.alignment))
+    fixed = schema.names[:len(schema) - len(rows.alignment)]
+    return _table(schema, [getattr(rows, name) for name in fixed] + list(rows.alignment.values()))
+
+
+def _table(schema: pa.Schema, columns: list) -> pa.Table:
+    """Columns in the schema's order -> a table of exactly that schema (typed when it has no rows)."""
+    return pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, schema)], schema=schema)

@@ -17,7 +17,8 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from ray_consensus.errors import LeaseHeld
+from ray_consensus.console import say
+from ray_consensus.errors import LeaseHeld, StorageError, first_line
 from ray_consensus.storage.store import Store
 
 LEASE_FILE = "_lease.json"
@@ -97,11 +98,14 @@ class Lease:
         self._thread.start()
 
     def _renew(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
+        from botocore.exceptions import BotoCoreError, ClientError  # here: a local run root never loads botocore
+
+        every = self.ttl / 3  # two renewals may fail before the lease expires
+        while not self._stop.wait(every):
             try:
                 self._write()
-            except Exception:  # a transient storage error: the next renewal tries again
-                pass
+            except (OSError, BotoCoreError, ClientError, StorageError) as e:  # the next renewal tries again
+                say(f"could not renew the lease on {self.store.root} ({first_line(e)}); retrying in {every:g} s")
 
     def release(self) -> None:
         self._stop.set()

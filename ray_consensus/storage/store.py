@@ -1,12 +1,9 @@
-"""Run roots and data on a local folder or any S3-compatible store.
+"""The run root: a `Store` on a local folder (`LocalStore`) or under an S3 prefix (`S3Store`).
 
-`open_store(uri, spec)` gives a `Store` rooted at the run root. Paths handed to a store are
-relative, '/'-separated and may not leave the root. Parquet goes through pyarrow's
-filesystems (S3 with the endpoint passed explicitly: pyarrow ignores AWS_ENDPOINT_URL);
-object operations (bytes, listing, markers, run.json) go through boto3 on S3.
-
-Credentials come from the spec or the standard AWS variables/profiles; they live only in
-memory and are never written anywhere.
+`open_store(uri, spec)` gives the store rooted at a run root. Paths handed to a store are relative,
+'/'-separated and may not leave the root (`paths.safe_rel`). Parquet goes through pyarrow's filesystems;
+object operations (bytes, listing, markers, run.json) go through boto3 on S3 (`s3`). Data files outside
+the run root (images, masks, checkpoints) are read by `datafiles`.
 """
 
 from __future__ import annotations
@@ -14,13 +11,10 @@ from __future__ import annotations
 import io
 import json
 import os
-import posixpath
 import shutil
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple
-from urllib.parse import urlparse
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,107 +23,12 @@ from ray_consensus.errors import SpecError, StorageError
 from ray_consensus.spec.config import StorageSpec
 from ray_consensus.storage.atomic import atomic_write
 from ray_consensus.storage.listing import walk, walk_later
+from ray_consensus.storage.paths import folder_key, is_s3, join, safe_rel, split_s3
+from ray_consensus.storage.s3 import arrow_s3, describe_s3_error, get_bytes, head, list_pages, s3_client, s3_settings
 
 # Dictionary encoding bloats float maps (~19 KB vs 12.5 KB raw for 56x56 float32); zstd shrinks them.
 PARQUET_OPTIONS = {"use_dictionary": False, "compression": "zstd"}
 
-
-def is_s3(uri: str) -> bool:
-    return uri.startswith("s3://")
-
-
-def join(root: str, rel: str) -> str:
-    return root.rstrip("/") + "/" + rel.lstrip("/") if rel else root
-
-
-def safe_rel(rel: str) -> str:
-    """Check a relative store path: no absolute paths, no '..', no backslashes."""
-    norm = posixpath.normpath(rel) if rel else ""
-    if rel.startswith("/") or "\\" in rel or norm == ".." or norm.startswith("../") or "/../" in f"/{rel}/":
-        raise ValueError(f"path escapes the run root: {rel!r}")
-    return "" if norm == "." else norm
-
-
-# ---------------------------------------------------------------- S3 connection
-
-@dataclass(frozen=True)
-class S3Settings:
-    endpoint_url: str | None
-    region: str | None
-    access_key: str | None
-    secret_key: str | None
-    session_token: str | None
-
-
-def s3_settings(spec: StorageSpec | None) -> S3Settings:
-    """Resolve endpoint, region and keys: spec first, then the standard AWS variables and profiles."""
-    import boto3
-
-    spec = spec or StorageSpec()
-    endpoint = spec.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    session = boto3.Session(profile_name=spec.profile) if spec.profile else boto3.Session()
-    region = spec.region or session.region_name or os.environ.get("AWS_REGION") or "us-east-1"
-    access, secret, token = spec.access_key_id, spec.secret_access_key, None
-    if not (access and secret):
-        creds = session.get_credentials()
-        if creds is not None:
-            frozen = creds.get_frozen_credentials()
-            access, secret, token = frozen.access_key, frozen.secret_key, frozen.token
-    return S3Settings(endpoint, region, access, secret, token)
-
-
-def boto_client(settings: S3Settings, fast: bool = False):
-    import boto3
-    from botocore.config import Config
-
-    retries = {"max_attempts": 2, "mode": "standard"} if fast else {"max_attempts": 10, "mode": "standard"}
-    config = Config(connect_timeout=3 if fast else 10, read_timeout=5 if fast else 60, retries=retries,
-                    max_pool_connections=32,  # the listing's and read-ahead's threads (16 each) share a client
-                    s3={"addressing_style": "path"} if settings.endpoint_url else None)
-    return boto3.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
-                        aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
-                        aws_session_token=settings.session_token, config=config)
-
-
-def arrow_s3(settings: S3Settings):
-    from pyarrow import fs
-
-    kwargs = dict(region=settings.region, access_key=settings.access_key, secret_key=settings.secret_key,
-                  session_token=settings.session_token, connect_timeout=10, request_timeout=60,
-                  retry_strategy=fs.AwsStandardS3RetryStrategy(max_attempts=10))
-    if settings.endpoint_url:
-        u = urlparse(settings.endpoint_url)
-        kwargs.update(endpoint_override=u.netloc + u.path.rstrip("/"), scheme=u.scheme or "https")
-    if not settings.access_key:
-        kwargs.pop("access_key"), kwargs.pop("secret_key"), kwargs.pop("session_token")
-    return fs.S3FileSystem(**kwargs)
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    u = urlparse(uri)
-    return u.netloc, u.path.lstrip("/")
-
-
-def describe_s3_error(e: Exception, bucket: str, endpoint: str | None) -> str:
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
-
-    where = endpoint or "AWS S3"
-    if isinstance(e, NoCredentialsError):
-        return ("no S3 credentials: set storage.access_key_id/secret_access_key or "
-                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
-    if isinstance(e, EndpointConnectionError) or "Connect" in type(e).__name__ or "Timeout" in type(e).__name__:
-        return f"cannot reach the S3 endpoint {where} ({type(e).__name__})"
-    if isinstance(e, ClientError):
-        code = str(e.response.get("Error", {}).get("Code", ""))
-        if code in ("404", "NoSuchBucket"):
-            return f"bucket '{bucket}' does not exist at {where}"
-        if code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied"):
-            return f"access to bucket '{bucket}' at {where} denied ({code}): check the access key and secret key"
-        return f"S3 error on bucket '{bucket}' at {where}: {code}"
-    return f"S3 error on bucket '{bucket}' at {where}: {type(e).__name__}"
-
-
-# ---------------------------------------------------------------- stores
 
 class Store:
     """A run root. All paths are relative to it."""
@@ -340,6 +239,9 @@ class LocalStore(Store):
 
 
 class S3Store(Store):
+    """A run root under an S3 prefix: objects through one boto3 client per store and process (`s3.s3_client`),
+    Parquet through pyarrow's S3 filesystem."""
+
     listing_threads = 16
     read_threads = 16
 
@@ -356,7 +258,7 @@ class S3Store(Store):
     @property
     def client(self):
         if self._client is None:
-            self._client = boto_client(self.settings)
+            self._client = s3_client(self.settings)
         return self._client
 
     @property
@@ -392,50 +294,26 @@ class S3Store(Store):
         self.client.put_object(Bucket=self.bucket, Key=self._key(rel), Body=data)
 
     def read_bytes(self, rel):
-        from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
-
-        for attempt in range(3):  # botocore retries the request, not a body cut off after it: ask again
-            try:
-                return self.client.get_object(Bucket=self.bucket, Key=self._key(rel))["Body"].read()
-            except self.client.exceptions.NoSuchKey:
-                raise FileNotFoundError(self.uri(rel)) from None
-            except (IncompleteReadError, ReadTimeoutError, ResponseStreamingError):
-                if attempt == 2:
-                    raise
+        return get_bytes(self.client, self.bucket, self._key(rel))
 
     def exists(self, rel):
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(rel))
-            return True
-        except ClientError as e:
-            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
+        return head(self.client, self.bucket, self._key(rel)) is not None
 
     def list(self, prefix=""):
         return sorted(self.files(prefix))
 
     def files(self, prefix="", sized=()):
-        key = self._key(prefix)
-        key = key + "/" if key and prefix else key
-        strip = len(self.prefix) + 1 if self.prefix else 0
+        strip = len(folder_key(self.prefix))
         out = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=key):
+        for page in list_pages(self.client, self.bucket, folder_key(self._key(prefix))):
             out.extend(f"{obj['Key'][strip:]}\t{obj['Size']}" if obj["Key"].rpartition("/")[2] in sized
-                       else obj["Key"][strip:] for obj in page.get("Contents", []))
+                       else obj["Key"][strip:] for obj in page.objects)
         return out
 
     def list_dirs(self, prefix):
-        key = self._key(prefix)
-        key = key + "/" if key else key
-        strip = len(self.prefix) + 1 if self.prefix else 0
-        out = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=key,
-                                                                          Delimiter="/"):
-            out.extend(p["Prefix"][strip:].rstrip("/") for p in page.get("CommonPrefixes", []))
-        return sorted(out)
+        strip = len(folder_key(self.prefix))
+        pages = list_pages(self.client, self.bucket, folder_key(self._key(prefix)), one_level=True)
+        return sorted(folder[strip:].rstrip("/") for page in pages for folder in page.folders)
 
     def delete(self, rel):
         keys = [self._key(r) for r in self.list(rel)] or [self._key(rel)]
@@ -444,7 +322,7 @@ class S3Store(Store):
                                        Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
 
     def check_writable(self):
-        client = boto_client(self.settings, fast=True)
+        client = s3_client(self.settings, probe=True)
         probe = self._key(f".write-probe-{uuid.uuid4().hex}")
         try:
             client.head_bucket(Bucket=self.bucket)
@@ -463,173 +341,3 @@ def open_store(uri: str, spec: StorageSpec | None = None) -> Store:
     if "://" in uri and not uri.startswith("file://"):
         raise SpecError(f"unsupported URI scheme in {uri!r}: use a local path or s3://bucket/prefix")
     return LocalStore(uri.removeprefix("file://"))
-
-
-# ---------------------------------------------------------------- data anywhere
-
-def read_uri_bytes(uri: str, spec: StorageSpec | None = None) -> bytes:
-    """Bytes of a data file given by a local path or s3:// URI (images, masks, checkpoints)."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        client = _cached_client(spec)
-        try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except client.exceptions.NoSuchKey:
-            raise FileNotFoundError(uri) from None
-    return Path(uri.removeprefix("file://")).expanduser().read_bytes()
-
-
-_CLIENTS: dict = {}
-
-
-def _cached_client(spec: StorageSpec | None):
-    settings = s3_settings(spec)
-    if settings not in _CLIENTS:
-        _CLIENTS[settings] = boto_client(settings)
-    return _CLIENTS[settings]
-
-
-def data_location(uri: str) -> str:
-    """A data set's URI as the readers take it: s3:// URIs as they are, `file://` URIs and paths as local
-    paths (`file:///abs/path` or `file://localhost/abs/path`, percent-escapes decoded). Raises SpecError
-    for any other scheme."""
-    from urllib.parse import unquote
-
-    if is_s3(uri):
-        return uri
-    if uri.startswith("file://"):
-        host, _, path = uri[len("file://"):].partition("/")
-        if host not in ("", "localhost"):
-            raise SpecError(f"{uri}: a file:// URI names a path on this machine (file:///path), not on '{host}'")
-        return "/" + unquote(path)
-    if "://" in uri:
-        raise SpecError(f"unsupported URI scheme in {uri!r}: use a local path, file:///path or s3://bucket/prefix")
-    return os.path.expanduser(uri)
-
-
-class Listed(NamedTuple):
-    """A data file and its version: what the file is now, without reading it (`<size>-<mtime_ns>` on a
-    local disk, the object's ETag on S3): a file rewritten in place gets another version."""
-
-    uri: str
-    version: str
-
-
-def _etag(obj: dict) -> str:
-    """An S3 object's version: its ETag (of a listing entry or a HEAD response), without the quotes."""
-    return str(obj.get("ETag", "")).strip('"')
-
-
-def _local_version(st: os.stat_result) -> str:
-    return f"{st.st_size}-{st.st_mtime_ns}"
-
-
-def list_uri(uri: str, spec: StorageSpec | None = None) -> tuple[list[Listed], list[str]]:
-    """Every file under a local folder or s3:// prefix with its version, sorted by URI, and the names of
-    the folders directly under it, empty ones included (on S3: the first path segments of the keys, a
-    zero-byte `name/` folder object included). The versions come with the listing (one stat per file
-    locally, the ETags of the listing pages on S3): no request per object. File names are as the disk
-    gives them (a name that is not UTF-8 keeps its surrogate escapes, for the caller to reject)."""
-    if is_s3(uri):
-        store = S3Store(uri, spec)
-        key = store._key("")
-        key = key + "/" if key else key
-        files, dirs = [], set()
-        for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=store.bucket, Prefix=key):
-            for obj in page.get("Contents", []):
-                rel = obj["Key"][len(key):]
-                if "/" in rel:
-                    dirs.add(rel.split("/", 1)[0])
-                if rel and not rel.endswith("/"):
-                    files.append(Listed(store.uri(rel), _etag(obj)))
-        return sorted(files), sorted(dirs)
-    root = data_location(uri)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(root)
-    files, dirs, seen = [], [], set()
-
-    def visit(path: str) -> None:  # symbolic links to folders followed, each folder listed once
-        st = os.stat(path)
-        if (st.st_dev, st.st_ino) in seen:
-            return
-        seen.add((st.st_dev, st.st_ino))
-        with os.scandir(path) as entries:
-            for e in entries:
-                if e.is_dir():
-                    if path == root:
-                        dirs.append(e.name)
-                    visit(e.path)
-                elif e.is_file():
-                    files.append(Listed(e.path, _local_version(e.stat())))
-
-    visit(root)
-    return sorted(files), sorted(dirs)
-
-
-def list_versions(uris: list[str], spec: StorageSpec | None = None) -> dict[str, str]:
-    """{uri: version} of the given files (the rows of a manifest table): each folder holding one of them is
-    listed once, not recursively (a million images in a thousand folders: a thousand listings, not a
-    million requests). Files not found are left out."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def folder(parent: str) -> list[tuple[str, str]]:
-        if is_s3(parent):
-            bucket, prefix = split_s3(parent)
-            prefix = prefix + "/" if prefix else ""
-            out = []
-            pages = _cached_client(spec).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix,
-                                                                                   Delimiter="/")
-            for page in pages:
-                out += [(f"s3://{bucket}/{o['Key']}", _etag(o))
-                        for o in page.get("Contents", [])]
-            return out
-        try:
-            with os.scandir(parent or "/") as entries:  # (a name that is not UTF-8 is in no manifest)
-                return [(f"{parent}/{e.name}", _local_version(e.stat())) for e in entries
-                        if e.is_file() and is_utf8(e.name)]
-        except OSError:
-            return []
-
-    parents = sorted({u.rpartition("/")[0] for u in uris})
-    with ThreadPoolExecutor(16 if any(is_s3(p) for p in parents) else 1) as pool:
-        return {u: v for listed in pool.map(folder, parents) for u, v in listed}
-
-
-def is_utf8(name: str) -> bool:
-    """False for a file name the disk gave with surrogate escapes (bytes that are not UTF-8)."""
-    try:
-        name.encode()
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-_CONTENT: dict = {}
-
-
-def content_version(uri: str, spec: StorageSpec | None = None) -> str:
-    """What a single file (a checkpoint) holds, cheaply: the SHA-256 of a local file (hashed once per path,
-    size and mtime in this process), the ETag of an S3 object (one HEAD request: S3 derives it from the
-    content); '' when the file cannot be found."""
-    if is_s3(uri):
-        from botocore.exceptions import ClientError
-
-        bucket, key = split_s3(uri)
-        try:
-            return _etag(_cached_client(spec).head_object(Bucket=bucket, Key=key))
-        except ClientError as e:
-            if str(e.response.get("Error", {}).get("Code")) in ("404", "NoSuchKey", "NotFound"):
-                return ""
-            raise
-    path = data_location(uri)
-    try:
-        st = os.stat(path)
-        memo = (path, st.st_size, st.st_mtime_ns)
-        if memo not in _CONTENT:
-            import hashlib
-
-            with open(path, "rb") as f:
-                _CONTENT[memo] = "sha256:" + hashlib.file_digest(f, "sha256").hexdigest()
-        return _CONTENT[memo]
-    except OSError:
-        return ""
