@@ -1,6 +1,6 @@
 """A run from spec to report: preflight, plan, attributions and reduce on Ray, tables, report, run.json.
 
-    preflight ─► plan ─► schedule ─► pipeline (attributions) + reduce tasks ─► tables ─► report ─► run.json
+    preflight ─► plan ─► schedule ─► attribution (dispatcher events) + reduce tasks ─► tables ─► report ─► run.json
 
 Everything before `ray.init` (spec, timm names, checkpoints, data set, run root) is checked
 first (`preflight`), so a bad spec fails with one line before any cluster work starts. The

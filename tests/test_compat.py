@@ -73,11 +73,11 @@ def test_without_timms_safetensors_alternatives_the_fallback_agrees_with_it_and_
 
 
 def test_ray_data_issue_detectors_are_turned_off_without_a_fallback(taken, capsys):
-    import copy
-
     from ray.data import DataContext
 
-    ctx = copy.deepcopy(DataContext.get_current())  # the process's own stays as it is
+    # A new context, with Ray Data's defaults: the process's own may have been quieted by an earlier
+    # test's run, and stays as it is.
+    ctx = DataContext()
     assert ctx.issue_detectors_config.detectors  # on by default: there is something to turn off
     compat.quiet_issue_detectors(ctx)
     assert ctx.issue_detectors_config.detectors == []

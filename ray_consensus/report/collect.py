@@ -1,4 +1,4 @@
-"""The report of a stored run: reads what it shows and renders it with `report.py`.
+"""The report of a stored run: reads what it shows and renders it with `report.render`.
 
 It reads the run through the data contract (`record.RunRecord` parses run.json's spec) and
 only what the page shows: the tables (of tables/images a few columns, to find the most disputed

@@ -52,8 +52,8 @@ def render_report(models: pd.DataFrame, correlations: pd.DataFrame,
     robustness: k, trial, method, coefficient (sub-committee correlations), or None.
     gallery: samples shown as rows of image, mask, consensus and each model's map.
     disputed: the images the committee agrees on least, shown the same way (None: no section).
-    run_info: the run's run.json dict; only the explainer, error count and creation
-        time are read from it (top level or under "config"), nothing is dumped.
+    run_info: what the page says of the run (`collect` passes the explainer, the error count and
+        the creation time from its `RunRecord`; top level or under "config"); nothing is dumped.
     """
     is_consensus = models["model_id"].astype(str) == CONSENSUS_ID
     members = models[~is_consensus].sort_values("consensus_score", ascending=False,
