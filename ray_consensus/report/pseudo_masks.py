@@ -68,7 +68,7 @@ def binary_mask(consensus: np.ndarray, rule: MaskRule) -> np.ndarray:
         return np.zeros(c.shape, bool)
     if rule.rule == "top":
         # topk_iou's cut (consensus.py): one rounding rule and one tie rule for both
-        return cm._top_k_mask(flat, cm._top_k_count(flat.size, rule.fraction)).reshape(c.shape)
+        return cm.top_k_mask(flat, cm.top_k_count(flat.size, rule.fraction)).reshape(c.shape)
     if rule.rule == "threshold":
         return c >= rule.threshold * flat.max()
     from skimage.filters import threshold_otsu

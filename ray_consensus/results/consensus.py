@@ -193,14 +193,16 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(constant, np.nan, r)
 
 
-def _top_k_count(n_pixels: int, top_fraction: float) -> int:
+def top_k_count(n_pixels: int, top_fraction: float) -> int:
+    """How many of `n_pixels` the top `top_fraction` keeps (at least 1): the one rounding rule of the
+    top-k IoU score and of the pseudo masks' `top` rule."""
     if not 0.0 < top_fraction <= 1.0:
         raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
     # Round first so that e.g. 0.07 * 100 = 7.000000000000001 gives k = 7, not 8.
     return max(1, math.ceil(round(top_fraction * n_pixels, 9)))
 
 
-def _top_k_mask(x: np.ndarray, k: int) -> np.ndarray:
+def top_k_mask(x: np.ndarray, k: int) -> np.ndarray:
     """Boolean (..., P) mask of the k largest pixels; among ties the lower index wins."""
     top = np.argsort(-x, axis=-1, kind="stable")[..., :k]
     mask = np.zeros(x.shape, dtype=bool)
@@ -232,8 +234,8 @@ def similarity(
         return _pearson(a, b)
     if measure == "spearman":
         return _pearson(_scaled_ranks(a), _scaled_ranks(b))
-    k = _top_k_count(a.shape[-1], top_fraction)
-    overlap = np.sum(_top_k_mask(a, k) & _top_k_mask(b, k), axis=-1)
+    k = top_k_count(a.shape[-1], top_fraction)
+    overlap = np.sum(top_k_mask(a, k) & top_k_mask(b, k), axis=-1)
     iou = overlap / (2 * k - overlap)
     has_signal = np.any(a != 0, axis=-1) & np.any(b != 0, axis=-1)
     return np.where(has_signal, iou, 0.0)
