@@ -165,7 +165,8 @@ class RunResults:
         return self._table("errors", folder=True)
 
     def _table(self, rel: str, folder: bool = False) -> pd.DataFrame:
-        if not (self.store.list(rel) if folder else self.store.exists(rel)):
+        # A folder's shards are its first level: no recursive listing before pyarrow lists it to read it.
+        if not (self.store.list_dirs(rel) if folder else self.store.exists(rel)):
             raise SpecError(f"{self.store.uri(rel)} not found (run.json says {self.record.status!r}): "
                             f"`ray-consensus status {self.root}` shows what is missing")
         return self.store.read_parquet(rel).to_pandas()
